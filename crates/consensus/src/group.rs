@@ -1,0 +1,738 @@
+//! The driver loop of one Raft group, and the handle callers use to talk to it.
+//!
+//! Each group runs on its own OS thread and owns its `RawNode`, its storage
+//! and its state machine; nothing else touches them. Callers and the
+//! transport reach it only through a bounded inbox, so a slow group never
+//! blocks another and a caller never holds a lock across Raft work.
+//!
+//! The loop is raft-rs's standard one:
+//!
+//! ```text
+//! loop {
+//!     wait for an inbox message or the next tick
+//!     drain the inbox: propose / step / read_index / conf change …  (group commit)
+//!     tick if due; expire requests past their deadline
+//!     if has_ready:
+//!         send leader messages                (may precede the fsync)
+//!         persist snapshot + entries + hard state, fsync
+//!         restore snapshot into the state machine, apply committed entries,
+//!         answer their proposers
+//!         send persisted messages (votes, append responses: after the fsync)
+//!         advance; apply what the light ready committed; advance_apply
+//!         answer reads whose index is applied; maybe take a snapshot
+//! }
+//! ```
+//!
+//! Invariants:
+//! - A proposal is answered `Ok` only after its entry was committed (hence
+//!   fsync'd on a quorum) and applied here; the answer is the state
+//!   machine's response for exactly that entry (same index *and* term).
+//! - A message that acknowledges log state (vote, append response) leaves
+//!   only after that state is fsync'd.
+//! - A storage error stops the group: nothing more is acknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use parking_lot::Mutex;
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+    MessageType, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::state_machine::StateMachine;
+use crate::status::GroupStatus;
+use crate::storage::{GroupStorage, WriteSet};
+use crate::transport::Transport;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What callers and the transport send to a group's driver.
+pub(crate) enum Request {
+    Propose {
+        data: Vec<u8>,
+        deadline: Instant,
+        reply: Reply<Vec<u8>>,
+    },
+    ConfChange {
+        cc: ConfChangeV2,
+        deadline: Instant,
+        reply: Reply<Vec<u8>>,
+    },
+    ReadIndex {
+        deadline: Instant,
+        reply: Reply<u64>,
+    },
+    TransferLeader {
+        to: u64,
+        deadline: Instant,
+        reply: Reply<()>,
+    },
+    Campaign,
+    Snapshot {
+        reply: Reply<u64>,
+    },
+    Raft(Message),
+    Stop,
+}
+
+/// A proposal waiting for its entry to be applied.
+struct Pending {
+    term: u64,
+    deadline: Instant,
+    reply: Reply<Vec<u8>>,
+}
+
+pub(crate) struct Driver {
+    group: u64,
+    cfg: Arc<Config>,
+    raw: RawNode<GroupStorage>,
+    storage: GroupStorage,
+    sm: Box<dyn StateMachine>,
+    transport: Arc<dyn Transport>,
+    inbox: Receiver<Request>,
+    status: Arc<Mutex<GroupStatus>>,
+    /// Proposals by the log index their entry was appended at.
+    pending: BTreeMap<u64, Pending>,
+    /// read_index requests by their context id, until raft-rs confirms them.
+    reads: HashMap<u64, (Instant, Reply<u64>)>,
+    /// Confirmed reads waiting for `applied` to reach their index.
+    ready_reads: Vec<(u64, Reply<u64>)>,
+    next_read_id: u64,
+    transfers: Vec<(u64, Instant, Reply<()>)>,
+    applied: u64,
+    applied_term: u64,
+    snapshot_index: u64,
+    last_snapshot_at: Instant,
+    snapshots_taken: u64,
+    snapshots_installed: u64,
+}
+
+impl Driver {
+    /// A driver for a group whose state machine was restored to the
+    /// snapshot at (`applied`, `applied_term`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        group: u64,
+        cfg: Arc<Config>,
+        raw: RawNode<GroupStorage>,
+        storage: GroupStorage,
+        sm: Box<dyn StateMachine>,
+        transport: Arc<dyn Transport>,
+        inbox: Receiver<Request>,
+        status: Arc<Mutex<GroupStatus>>,
+    ) -> Self {
+        let meta = storage.snapshot_metadata();
+        Self {
+            group,
+            cfg,
+            raw,
+            storage,
+            sm,
+            transport,
+            inbox,
+            status,
+            pending: BTreeMap::new(),
+            reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            next_read_id: 0,
+            transfers: Vec::new(),
+            applied: meta.index,
+            applied_term: meta.term,
+            snapshot_index: meta.index,
+            last_snapshot_at: Instant::now(),
+            snapshots_taken: 0,
+            snapshots_installed: 0,
+        }
+    }
+
+    pub fn run(mut self) {
+        let tick = self.cfg.tick_interval;
+        let mut next_tick = Instant::now() + tick;
+        let mut stopping = false;
+        while !stopping {
+            match self.inbox.recv_deadline(next_tick) {
+                Ok(req) => {
+                    stopping = !self.handle(req);
+                    // Group commit: take everything already queued before
+                    // building one ready (one fsync for all of it).
+                    for _ in 0..self.cfg.inbox_capacity {
+                        match self.inbox.try_recv() {
+                            Ok(req) => {
+                                if !self.handle(req) {
+                                    stopping = true;
+                                    break;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stopping = true,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick = now + tick;
+                self.expire(now);
+                self.maybe_snapshot(false);
+            }
+            if let Err(e) = self.on_ready() {
+                tracing::error!(group = self.group, error = %e, "raft group stopped on a storage failure");
+                break;
+            }
+        }
+        self.fail_all(Error::Stopped(self.group));
+        self.status.lock().running = false;
+    }
+
+    /// Handles one inbox message; false means stop.
+    fn handle(&mut self, req: Request) -> bool {
+        match req {
+            Request::Raft(m) => {
+                if let Err(e) = self.raw.step(m) {
+                    tracing::debug!(group = self.group, error = %e, "dropped raft message");
+                }
+            }
+            Request::Propose {
+                data,
+                deadline,
+                reply,
+            } => {
+                if let Some(reply) = self.check_leader(reply) {
+                    let before = self.raw.raft.raft_log.last_index();
+                    let res = self.raw.propose(Vec::new(), data);
+                    self.track(before, res, deadline, reply);
+                }
+            }
+            Request::ConfChange {
+                cc,
+                deadline,
+                reply,
+            } => {
+                if let Some(reply) = self.check_leader(reply) {
+                    let before = self.raw.raft.raft_log.last_index();
+                    let res = self.raw.propose_conf_change(Vec::new(), cc);
+                    self.track(before, res, deadline, reply);
+                }
+            }
+            Request::ReadIndex { deadline, reply } => {
+                if self.raw.raft.leader_id == raft::INVALID_ID {
+                    let _ = reply.send(Err(self.not_leader()));
+                } else {
+                    self.next_read_id += 1;
+                    let id = self.next_read_id;
+                    self.reads.insert(id, (deadline, reply));
+                    self.raw.read_index(id.to_be_bytes().to_vec());
+                }
+            }
+            Request::TransferLeader {
+                to,
+                deadline,
+                reply,
+            } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                } else if to == self.raw.raft.id {
+                    let _ = reply.send(Ok(()));
+                } else if !self.raw.raft.prs().conf().voters().contains(to) {
+                    let _ = reply.send(Err(Error::Invalid(format!("node {to} is not a voter"))));
+                } else {
+                    self.raw.transfer_leader(to);
+                    self.transfers.push((to, deadline, reply));
+                }
+            }
+            Request::Campaign => {
+                let _ = self.raw.campaign();
+            }
+            Request::Snapshot { reply } => {
+                self.maybe_snapshot(true);
+                let _ = reply.send(Ok(self.snapshot_index));
+            }
+            Request::Stop => return false,
+        }
+        true
+    }
+
+    /// Returns the reply back if this node leads; otherwise answers NotLeader.
+    fn check_leader<T>(&self, reply: Reply<T>) -> Option<Reply<T>> {
+        if self.raw.raft.state == StateRole::Leader && self.raw.raft.lead_transferee.is_none() {
+            Some(reply)
+        } else {
+            let _ = reply.send(Err(self.not_leader()));
+            None
+        }
+    }
+
+    fn not_leader(&self) -> Error {
+        let lead = self.raw.raft.leader_id;
+        let (leader, leader_addr) = if lead == raft::INVALID_ID || lead == self.raw.raft.id {
+            (None, None)
+        } else {
+            (Some(lead), self.transport.peer_addr(lead))
+        };
+        Error::NotLeader {
+            leader,
+            leader_addr,
+        }
+    }
+
+    /// Records a proposal at the index raft-rs appended it to.
+    fn track(
+        &mut self,
+        before: u64,
+        res: raft::Result<()>,
+        deadline: Instant,
+        reply: Reply<Vec<u8>>,
+    ) {
+        let index = self.raw.raft.raft_log.last_index();
+        match res {
+            Ok(()) if index > before => {
+                let pending = Pending {
+                    term: self.raw.raft.term,
+                    deadline,
+                    reply,
+                };
+                if let Some(old) = self.pending.insert(index, pending) {
+                    // A proposal from an earlier term whose entry was
+                    // overwritten: it will never be applied.
+                    let _ = old.reply.send(Err(Error::Dropped(
+                        "its log entry was replaced after a leader change".into(),
+                    )));
+                }
+            }
+            Ok(()) => {
+                let _ = reply.send(Err(Error::Dropped("raft-rs did not append it".into())));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(Error::Dropped(e.to_string())));
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in expired {
+            if let Some(p) = self.pending.remove(&i) {
+                let _ = p.reply.send(Err(Error::Timeout));
+            }
+        }
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, (d, _))| *d <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in expired {
+            if let Some((_, reply)) = self.reads.remove(&i) {
+                let _ = reply.send(Err(Error::Timeout));
+            }
+        }
+        let leader = self.raw.raft.leader_id;
+        let transfers = std::mem::take(&mut self.transfers);
+        for (to, deadline, reply) in transfers {
+            if leader == to {
+                let _ = reply.send(Ok(()));
+            } else if deadline <= now {
+                let _ = reply.send(Err(Error::Timeout));
+            } else {
+                self.transfers.push((to, deadline, reply));
+            }
+        }
+    }
+
+    fn fail_all(&mut self, err: Error) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        for (_, (_, r)) in self.reads.drain() {
+            let _ = r.send(Err(err.clone()));
+        }
+        for (_, r) in self.ready_reads.drain(..) {
+            let _ = r.send(Err(err.clone()));
+        }
+        for (_, _, r) in self.transfers.drain(..) {
+            let _ = r.send(Err(err.clone()));
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        for m in &msgs {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                // Report optimistically: if the snapshot is lost, the
+                // follower rejects the next append and the leader resends.
+                self.raw.report_snapshot(m.to, SnapshotStatus::Finish);
+            }
+        }
+        self.transport.send(self.group, msgs);
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        if !rd.messages().is_empty() {
+            let msgs = rd.take_messages();
+            self.send(msgs);
+        }
+        let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+        self.storage.persist(
+            WriteSet {
+                snapshot: snapshot.as_ref(),
+                entries: rd.entries(),
+                hard_state: rd.hs().cloned(),
+            },
+            self.cfg.sync,
+        )?;
+        if let Some(snap) = snapshot {
+            self.install_snapshot(&snap)?;
+        }
+        for rs in rd.take_read_states() {
+            let id = read_id(&rs.request_ctx);
+            if let Some((_, reply)) = self.reads.remove(&id) {
+                self.ready_reads.push((rs.index, reply));
+            }
+        }
+        self.apply(rd.take_committed_entries());
+        let msgs = rd.take_persisted_messages();
+        self.send(msgs);
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.storage.set_commit(commit)?;
+        }
+        let msgs = light.take_messages();
+        self.send(msgs);
+        self.apply(light.take_committed_entries());
+        self.raw.advance_apply();
+        self.release_reads();
+        self.maybe_snapshot(false);
+        self.publish_status();
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<()> {
+        let meta = snap.get_metadata();
+        self.sm
+            .restore(meta.index, &snap.data)
+            .map_err(|e| Error::Storage(format!("restoring snapshot at {}: {e}", meta.index)))?;
+        self.applied = meta.index;
+        self.applied_term = meta.term;
+        self.snapshot_index = meta.index;
+        self.last_snapshot_at = Instant::now();
+        self.snapshots_installed += 1;
+        // Proposals at or below the snapshot were applied by others; this
+        // node cannot tell their outcome.
+        let later = self.pending.split_off(&(meta.index + 1));
+        for (_, p) in std::mem::replace(&mut self.pending, later) {
+            let _ = p
+                .reply
+                .send(Err(Error::Dropped("superseded by a snapshot".into())));
+        }
+        tracing::info!(group = self.group, index = meta.index, "installed snapshot");
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            let index = entry.index;
+            let response = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => Vec::new(),
+                EntryType::EntryNormal => self.sm.apply(index, &entry.data),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&entry)
+                }
+            };
+            self.applied = index;
+            self.applied_term = entry.term;
+            // Anything pending below this index can no longer be applied.
+            while let Some(first) = self.pending.first_key_value().map(|(i, _)| *i) {
+                if first > index {
+                    break;
+                }
+                let p = self.pending.remove(&first).expect("present");
+                let res = if first == index && p.term == entry.term {
+                    Ok(response.clone())
+                } else {
+                    Err(Error::Dropped(
+                        "its log entry was replaced after a leader change".into(),
+                    ))
+                };
+                let _ = p.reply.send(res);
+            }
+        }
+    }
+
+    /// Applies a committed membership change; returns an empty response or
+    /// the error text (every replica reaches the same verdict).
+    fn apply_conf_change(&mut self, entry: &Entry) -> Vec<u8> {
+        let cc = if entry.get_entry_type() == EntryType::EntryConfChange {
+            match ConfChange::parse_from_bytes(&entry.data) {
+                Ok(v1) => {
+                    // We only propose v2; v1 is decoded for completeness.
+                    let mut single = ConfChangeSingle::default();
+                    single.set_change_type(v1.get_change_type());
+                    single.node_id = v1.node_id;
+                    let mut cc = ConfChangeV2::default();
+                    cc.set_changes(vec![single].into());
+                    cc.context = v1.context;
+                    cc
+                }
+                Err(e) => return format!("undecodable conf change: {e}").into_bytes(),
+            }
+        } else {
+            match ConfChangeV2::parse_from_bytes(&entry.data) {
+                Ok(cc) => cc,
+                Err(e) => return format!("undecodable conf change: {e}").into_bytes(),
+            }
+        };
+        // The context carries "id=addr" pairs of nodes being added, so every
+        // member learns how to reach them.
+        for pair in String::from_utf8_lossy(&cc.context).split(',') {
+            if let Some((id, addr)) = pair.split_once('=') {
+                if let Ok(id) = id.parse::<u64>() {
+                    self.transport.set_peer_addr(id, addr.to_owned());
+                }
+            }
+        }
+        match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => {
+                tracing::info!(group = self.group, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(group = self.group, error = %e, "conf change rejected");
+                format!("conf change rejected: {e}").into_bytes()
+            }
+        }
+    }
+
+    fn release_reads(&mut self) {
+        if self.ready_reads.is_empty() {
+            return;
+        }
+        let applied = self.applied;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready_reads)
+            .into_iter()
+            .partition(|(i, _)| *i <= applied);
+        self.ready_reads = waiting;
+        for (index, reply) in done {
+            let _ = reply.send(Ok(index));
+        }
+    }
+
+    /// Takes a snapshot when enough entries or time went by (or `force`),
+    /// then compacts the log, keeping `compact_lag` entries below it.
+    fn maybe_snapshot(&mut self, force: bool) {
+        let since = self.applied.saturating_sub(self.snapshot_index);
+        if since == 0 {
+            return;
+        }
+        let due = since >= self.cfg.snapshot_entries
+            || self.last_snapshot_at.elapsed() >= self.cfg.snapshot_interval;
+        if !force && !due {
+            return;
+        }
+        let mut snap = Snapshot::default();
+        snap.data = self.sm.snapshot().into();
+        let meta = snap.mut_metadata();
+        meta.index = self.applied;
+        meta.term = self.applied_term;
+        meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+        let compact_to = self.applied.saturating_sub(self.cfg.compact_lag) + 1;
+        match self.storage.save_snapshot(&snap, compact_to) {
+            Ok(()) => {
+                self.snapshot_index = self.applied;
+                self.last_snapshot_at = Instant::now();
+                self.snapshots_taken += 1;
+                tracing::debug!(group = self.group, index = self.applied, compact_to, "took snapshot");
+            }
+            Err(e) => tracing::error!(group = self.group, error = %e, "snapshot failed"),
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf().to_conf_state();
+        let mut s = self.status.lock();
+        s.role = raft.state.into();
+        s.term = raft.term;
+        s.leader = (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id);
+        s.commit = raft.raft_log.committed;
+        s.applied = self.applied;
+        s.last_index = raft.raft_log.last_index();
+        s.snapshot_index = self.snapshot_index;
+        s.voters = conf.voters;
+        s.learners = conf.learners;
+        s.snapshots_taken = self.snapshots_taken;
+        s.snapshots_installed = self.snapshots_installed;
+        s.running = true;
+    }
+}
+
+fn read_id(ctx: &[u8]) -> u64 {
+    ctx.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// A cheap, cloneable handle to one group running on this node.
+#[derive(Clone)]
+pub struct GroupHandle {
+    pub(crate) group: u64,
+    pub(crate) inbox: Sender<Request>,
+    pub(crate) status: Arc<Mutex<GroupStatus>>,
+    pub(crate) cfg: Arc<Config>,
+}
+
+impl GroupHandle {
+    pub fn id(&self) -> u64 {
+        self.group
+    }
+
+    /// Replicates `command` and resolves with the state machine's response
+    /// once it is committed and applied on this node (the leader).
+    pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>> {
+        if command.is_empty() {
+            return Err(Error::Invalid("empty command".into()));
+        }
+        if command.len() > self.cfg.max_command_bytes {
+            return Err(Error::Invalid(format!(
+                "command of {} bytes exceeds the limit of {}",
+                command.len(),
+                self.cfg.max_command_bytes
+            )));
+        }
+        self.call(|deadline, reply| Request::Propose {
+            data: command,
+            deadline,
+            reply,
+        })
+        .await
+    }
+
+    /// Linearizable read barrier: resolves with a commit index once this
+    /// node has applied at least that index and a quorum confirmed the
+    /// leader still leads. State read after it reflects every write
+    /// acknowledged before the call. Works on followers too (the leader
+    /// answers the index); fails fast with NotLeader when no leader is known.
+    pub async fn read_index(&self) -> Result<u64> {
+        self.call(|deadline, reply| Request::ReadIndex { deadline, reply })
+            .await
+    }
+
+    /// Adds `node` (reachable at `addr`) as a learner: it receives the log
+    /// and snapshots but does not vote. Promote it once caught up.
+    pub async fn add_learner(&self, node: u64, addr: &str) -> Result<()> {
+        self.conf_change(
+            ConfChangeType::AddLearnerNode,
+            node,
+            format!("{node}={addr}"),
+        )
+        .await
+    }
+
+    /// Makes `node` a voter (a learner being promoted, or a new node).
+    pub async fn promote(&self, node: u64) -> Result<()> {
+        self.conf_change(ConfChangeType::AddNode, node, String::new())
+            .await
+    }
+
+    /// Removes `node` from the group.
+    pub async fn remove(&self, node: u64) -> Result<()> {
+        self.conf_change(ConfChangeType::RemoveNode, node, String::new())
+            .await
+    }
+
+    async fn conf_change(&self, ty: ConfChangeType, node: u64, context: String) -> Result<()> {
+        if node == 0 {
+            return Err(Error::Invalid("node id 0 is reserved".into()));
+        }
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(ty);
+        single.node_id = node;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.context = context.into_bytes().into();
+        let resp = self
+            .call(|deadline, reply| Request::ConfChange {
+                cc,
+                deadline,
+                reply,
+            })
+            .await?;
+        if resp.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(String::from_utf8_lossy(&resp).into_owned()))
+        }
+    }
+
+    /// Hands leadership to `to` and resolves once this node sees it lead.
+    pub async fn transfer_leader(&self, to: u64) -> Result<()> {
+        self.call(|deadline, reply| Request::TransferLeader {
+            to,
+            deadline,
+            reply,
+        })
+        .await
+    }
+
+    /// Starts an election on this node now (tests and operators).
+    pub fn campaign(&self) -> Result<()> {
+        self.enqueue(Request::Campaign)
+    }
+
+    /// Takes a snapshot now; resolves with its index.
+    pub async fn snapshot(&self) -> Result<u64> {
+        self.call(|_, reply| Request::Snapshot { reply }).await
+    }
+
+    pub fn status(&self) -> GroupStatus {
+        self.status.lock().clone()
+    }
+
+    pub(crate) fn step(&self, msg: Message) {
+        // A full inbox drops the message; Raft retransmits.
+        let _ = self.inbox.try_send(Request::Raft(msg));
+    }
+
+    pub(crate) fn stop(&self) {
+        // Stop must get through even when the inbox is full.
+        let _ = self.inbox.send(Request::Stop);
+    }
+
+    fn enqueue(&self, req: Request) -> Result<()> {
+        self.inbox.try_send(req).map_err(|e| match e {
+            TrySendError::Full(_) => Error::Dropped("group inbox is full".into()),
+            TrySendError::Disconnected(_) => Error::Stopped(self.group),
+        })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Instant, Reply<T>) -> Request) -> Result<T> {
+        let timeout = self.cfg.request_timeout;
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(make(Instant::now() + timeout, tx))?;
+        // The driver enforces the deadline; this outer bound only guards
+        // against a driver that died without answering.
+        match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err(Error::Stopped(self.group)),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! A node: one process's host for many Raft groups.
+//!
+//! The node owns the shared raft-engine log and the transport, starts one
+//! driver thread per group, and routes inbound messages to the group named
+//! in each envelope. Groups are independent: each has its own inbox,
+//! thread, storage view and state machine; they share only the disk (where
+//! raft-engine merges their concurrent fsyncs) and the transport.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use raft::eraftpb::Message;
+use raft::RawNode;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::group::{Driver, GroupHandle};
+use crate::logger::raft_logger;
+use crate::state_machine::StateMachine;
+use crate::status::GroupStatus;
+use crate::storage::LogStore;
+use crate::transport::{Inbound, Transport};
+
+/// Hosts Raft groups. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    cfg: Arc<Config>,
+    store: LogStore,
+    transport: Arc<dyn Transport>,
+    groups: RwLock<HashMap<u64, GroupHandle>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+impl Node {
+    /// Opens the node's log (recovering it) and starts its purge thread.
+    pub fn open(cfg: Config, transport: Arc<dyn Transport>) -> Result<Self> {
+        if cfg.node_id == 0 {
+            return Err(Error::Invalid("node id 0 is reserved".into()));
+        }
+        let store = LogStore::open(&cfg.data_dir)?;
+        let node = Self {
+            inner: Arc::new(NodeInner {
+                cfg: Arc::new(cfg),
+                store,
+                transport,
+                groups: RwLock::new(HashMap::new()),
+                threads: Mutex::new(Vec::new()),
+                stopped: AtomicBool::new(false),
+            }),
+        };
+        let weak = Arc::downgrade(&node.inner);
+        let purge = std::thread::Builder::new()
+            .name("raft-purge".into())
+            .spawn(move || purge_loop(weak))?;
+        node.inner.threads.lock().push(purge);
+        Ok(node)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.inner.cfg.node_id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// Groups with durable state on this node (to restart after a crash).
+    pub fn stored_groups(&self) -> Vec<u64> {
+        self.inner.store.groups()
+    }
+
+    /// Starts (or restarts) `group` with its state machine.
+    ///
+    /// - Existing durable state: recovered; `initial_voters` is ignored.
+    /// - New group, `initial_voters` non-empty: bootstrapped with them (every
+    ///   founding member must pass the same list).
+    /// - New group, empty list: starts empty, waiting to be added by the
+    ///   leader (as a learner) and caught up by log or snapshot.
+    pub fn start_group(
+        &self,
+        group: u64,
+        initial_voters: &[u64],
+        mut sm: Box<dyn StateMachine>,
+    ) -> Result<GroupHandle> {
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            return Err(Error::Stopped(group));
+        }
+        let mut groups = self.inner.groups.write();
+        if groups.contains_key(&group) {
+            return Err(Error::Invalid(format!("group {group} is already running")));
+        }
+        let cfg = self.inner.cfg.clone();
+        let storage = self.inner.store.group(group)?;
+        if storage.is_empty() && !initial_voters.is_empty() {
+            storage.bootstrap(initial_voters)?;
+        }
+        let snap = storage.load_snapshot()?;
+        let meta = snap.get_metadata().clone();
+        if meta.index > 0 {
+            sm.restore(meta.index, &snap.data).map_err(|e| {
+                Error::Storage(format!("restoring group {group} at {}: {e}", meta.index))
+            })?;
+        }
+        let raw = RawNode::new(
+            &cfg.raft_config(meta.index),
+            storage.clone(),
+            &raft_logger(cfg.node_id, group),
+        )
+        .map_err(|e| Error::Storage(e.to_string()))?;
+        let (tx, rx) = crossbeam_channel::bounded(cfg.inbox_capacity);
+        let status = Arc::new(Mutex::new(GroupStatus {
+            group,
+            node: cfg.node_id,
+            running: true,
+            ..Default::default()
+        }));
+        let driver = Driver::new(
+            group,
+            cfg.clone(),
+            raw,
+            storage,
+            sm,
+            self.inner.transport.clone(),
+            rx,
+            status.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-g{group}"))
+            .spawn(move || driver.run())?;
+        let handle = GroupHandle {
+            group,
+            inbox: tx,
+            status,
+            cfg,
+        };
+        groups.insert(group, handle.clone());
+        self.inner.threads.lock().push(thread);
+        Ok(handle)
+    }
+
+    pub fn group(&self, group: u64) -> Option<GroupHandle> {
+        self.inner.groups.read().get(&group).cloned()
+    }
+
+    /// Ids of the groups running here, sorted.
+    pub fn groups(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.inner.groups.read().keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Status of every running group, by group id.
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let mut all: Vec<GroupStatus> = self
+            .inner
+            .groups
+            .read()
+            .values()
+            .map(|g| g.status())
+            .collect();
+        all.sort_by_key(|s| s.group);
+        all
+    }
+
+    /// Stops every group and waits for their threads. Everything already
+    /// acknowledged is on disk; pending requests fail with `Stopped`.
+    pub fn shutdown(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        let groups: Vec<GroupHandle> = self.inner.groups.write().drain().map(|(_, g)| g).collect();
+        for g in &groups {
+            g.stop();
+        }
+        let threads: Vec<JoinHandle<()>> = self.inner.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inbound for Node {
+    fn deliver(&self, group: u64, msg: Message) {
+        if let Some(g) = self.inner.groups.read().get(&group) {
+            g.step(msg);
+        }
+    }
+}
+
+/// Every few seconds asks raft-engine to drop obsolete log files, and asks
+/// groups that hold old files back to snapshot (so their log compacts).
+fn purge_loop(node: std::sync::Weak<NodeInner>) {
+    let period = Duration::from_secs(10);
+    let mut last = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(inner) = node.upgrade() else { return };
+        if inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        if last.elapsed() < period {
+            continue;
+        }
+        last = Instant::now();
+        match inner.store.purge() {
+            Ok(lagging) => {
+                for group in lagging {
+                    if let Some(g) = inner.groups.read().get(&group) {
+                        let (tx, _rx) = tokio::sync::oneshot::channel();
+                        let _ = g
+                            .inbox
+                            .try_send(crate::group::Request::Snapshot { reply: tx });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "purging raft log files failed"),
+        }
+    }
+}
