@@ -183,7 +183,8 @@ impl Driver {
                 self.raw.tick();
                 next_tick = now + tick;
                 self.expire(now);
-                self.maybe_snapshot(false);
+                let requested = self.storage.take_snapshot_request();
+                self.maybe_snapshot(requested);
             }
             if let Err(e) = self.on_ready() {
                 tracing::error!(group = self.group, error = %e, "raft group stopped on a storage failure");
@@ -422,7 +423,8 @@ impl Driver {
         self.apply(light.take_committed_entries());
         self.raw.advance_apply();
         self.release_reads();
-        self.maybe_snapshot(false);
+        let requested = self.storage.take_snapshot_request();
+        self.maybe_snapshot(requested);
         self.publish_status();
         Ok(())
     }
@@ -569,7 +571,9 @@ impl Driver {
 
     fn publish_status(&mut self) {
         let raft = &self.raw.raft;
-        let conf = raft.prs().conf().to_conf_state();
+        let mut conf = raft.prs().conf().to_conf_state();
+        conf.voters.sort_unstable();
+        conf.learners.sort_unstable();
         let mut s = self.status.lock();
         s.role = raft.state.into();
         s.term = raft.term;

@@ -102,6 +102,7 @@ impl LogStore {
             state: Arc::new(RwLock::new(State {
                 hard_state,
                 snapshot_meta: snapshot.get_metadata().clone(),
+                wants_snapshot: false,
             })),
         })
     }
@@ -118,6 +119,10 @@ fn raft_err(e: raft_engine::Error) -> raft::Error {
 struct State {
     hard_state: HardState,
     snapshot_meta: SnapshotMetadata,
+    /// Set when raft-rs asked for a snapshot the stored one cannot serve
+    /// (too old, or from before the requesting peer joined); the driver
+    /// takes a fresh one and raft-rs asks again.
+    wants_snapshot: bool,
 }
 
 /// The durable state of one Raft group, as raft-rs reads it.
@@ -238,6 +243,11 @@ impl GroupStorage {
         Ok(())
     }
 
+    /// True (once) if raft-rs needed a newer snapshot than the stored one.
+    pub fn take_snapshot_request(&self) -> bool {
+        std::mem::take(&mut self.state.write().wants_snapshot)
+    }
+
     pub fn hard_state(&self) -> HardState {
         self.state.read().hard_state.clone()
     }
@@ -345,14 +355,20 @@ impl raft::Storage for GroupStorage {
         Ok(self.first_last(snap_index).1)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let snap = self.load_snapshot().map_err(|e| {
             raft::Error::Store(StorageError::Other(Box::new(std::io::Error::other(
                 e.to_string(),
             ))))
         })?;
-        if snap.get_metadata().index < request_index {
-            // The driver takes a fresh snapshot soon; raft-rs retries.
+        let cs = snap.get_metadata().get_conf_state();
+        let knows_peer = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next]
+            .iter()
+            .any(|ids| ids.contains(&to));
+        if snap.get_metadata().index < request_index || !knows_peer {
+            // A peer refuses a snapshot whose conf state does not include
+            // it; the driver takes a fresh snapshot and raft-rs retries.
+            self.state.write().wants_snapshot = true;
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
