@@ -107,6 +107,9 @@ pub(crate) struct Driver {
     ready_reads: Vec<(u64, Reply<u64>)>,
     next_read_id: u64,
     transfers: Vec<(u64, Instant, Reply<()>)>,
+    /// Answers to proposals applied in this ready, sent after the status is
+    /// published so a caller never sees a status older than its answer.
+    answers: Vec<(Reply<Vec<u8>>, Result<Vec<u8>>)>,
     applied: u64,
     applied_term: u64,
     snapshot_index: u64,
@@ -144,6 +147,7 @@ impl Driver {
             ready_reads: Vec::new(),
             next_read_id: 0,
             transfers: Vec::new(),
+            answers: Vec::new(),
             applied: meta.index,
             applied_term: meta.term,
             snapshot_index: meta.index,
@@ -422,10 +426,13 @@ impl Driver {
         self.send(msgs);
         self.apply(light.take_committed_entries());
         self.raw.advance_apply();
-        self.release_reads();
         let requested = self.storage.take_snapshot_request();
         self.maybe_snapshot(requested);
         self.publish_status();
+        for (reply, res) in self.answers.drain(..) {
+            let _ = reply.send(res);
+        }
+        self.release_reads();
         Ok(())
     }
 
@@ -476,7 +483,7 @@ impl Driver {
                         "its log entry was replaced after a leader change".into(),
                     ))
                 };
-                let _ = p.reply.send(res);
+                self.answers.push((p.reply, res));
             }
         }
     }
@@ -563,7 +570,12 @@ impl Driver {
                 self.snapshot_index = self.applied;
                 self.last_snapshot_at = Instant::now();
                 self.snapshots_taken += 1;
-                tracing::debug!(group = self.group, index = self.applied, compact_to, "took snapshot");
+                tracing::debug!(
+                    group = self.group,
+                    index = self.applied,
+                    compact_to,
+                    "took snapshot"
+                );
             }
             Err(e) => tracing::error!(group = self.group, error = %e, "snapshot failed"),
         }

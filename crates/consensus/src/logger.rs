@@ -38,5 +38,8 @@ impl Drain for TracingDrain {
 
 /// A logger for one group's RawNode, tagged with node and group ids.
 pub(crate) fn raft_logger(node: u64, group: u64) -> slog::Logger {
-    slog::Logger::root(TracingDrain.fuse(), slog::o!("node" => node, "group" => group))
+    slog::Logger::root(
+        TracingDrain.fuse(),
+        slog::o!("node" => node, "group" => group),
+    )
 }

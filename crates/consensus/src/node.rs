@@ -33,7 +33,9 @@ pub struct Node {
 
 struct NodeInner {
     cfg: Arc<Config>,
-    store: LogStore,
+    /// Taken at shutdown so the log's directory lock is released even if
+    /// clones of the node outlive it (e.g. in a server's connection tasks).
+    store: RwLock<Option<LogStore>>,
     transport: Arc<dyn Transport>,
     groups: RwLock<HashMap<u64, GroupHandle>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -50,7 +52,7 @@ impl Node {
         let node = Self {
             inner: Arc::new(NodeInner {
                 cfg: Arc::new(cfg),
-                store,
+                store: RwLock::new(Some(store)),
                 transport,
                 groups: RwLock::new(HashMap::new()),
                 threads: Mutex::new(Vec::new()),
@@ -79,7 +81,12 @@ impl Node {
 
     /// Groups with durable state on this node (to restart after a crash).
     pub fn stored_groups(&self) -> Vec<u64> {
-        self.inner.store.groups()
+        self.inner
+            .store
+            .read()
+            .as_ref()
+            .map(|s| s.groups())
+            .unwrap_or_default()
     }
 
     /// Starts (or restarts) `group` with its state machine.
@@ -103,7 +110,10 @@ impl Node {
             return Err(Error::Invalid(format!("group {group} is already running")));
         }
         let cfg = self.inner.cfg.clone();
-        let storage = self.inner.store.group(group)?;
+        let storage = match self.inner.store.read().as_ref() {
+            Some(store) => store.group(group)?,
+            None => return Err(Error::Stopped(group)),
+        };
         if storage.is_empty() && !initial_voters.is_empty() {
             storage.bootstrap(initial_voters)?;
         }
@@ -187,6 +197,11 @@ impl Node {
         for t in threads {
             let _ = t.join();
         }
+        self.inner.store.write().take();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -213,7 +228,11 @@ fn purge_loop(node: std::sync::Weak<NodeInner>) {
             continue;
         }
         last = Instant::now();
-        match inner.store.purge() {
+        let purged = match inner.store.read().as_ref() {
+            Some(store) => store.purge(),
+            None => return,
+        };
+        match purged {
             Ok(lagging) => {
                 for group in lagging {
                     if let Some(g) = inner.groups.read().get(&group) {

@@ -362,9 +362,14 @@ impl raft::Storage for GroupStorage {
             ))))
         })?;
         let cs = snap.get_metadata().get_conf_state();
-        let knows_peer = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next]
-            .iter()
-            .any(|ids| ids.contains(&to));
+        let knows_peer = [
+            &cs.voters,
+            &cs.learners,
+            &cs.voters_outgoing,
+            &cs.learners_next,
+        ]
+        .iter()
+        .any(|ids| ids.contains(&to));
         if snap.get_metadata().index < request_index || !knows_peer {
             // A peer refuses a snapshot whose conf state does not include
             // it; the driver takes a fresh snapshot and raft-rs retries.
@@ -437,7 +442,10 @@ mod tests {
         let got = g
             .entries(6, 11, None, GetEntriesContext::empty(false))
             .unwrap();
-        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
+        assert_eq!(
+            got.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![6, 7, 8, 9, 10]
+        );
         assert_eq!(&g.load_snapshot().unwrap().data[..], b"state@5");
     }
 

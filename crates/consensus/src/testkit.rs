@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use raft::eraftpb::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use raft::eraftpb::Message;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -207,11 +207,10 @@ fn delay_loop(net: std::sync::Weak<SimNetwork>) {
                 due.push(q.0.pop().expect("peeked"));
             }
             if due.is_empty() {
-                let wait = q
-                    .0
-                    .peek()
-                    .map_or(Duration::from_millis(20), |d| d.due - now)
-                    .min(Duration::from_millis(20));
+                let wait =
+                    q.0.peek()
+                        .map_or(Duration::from_millis(20), |d| d.due - now)
+                        .min(Duration::from_millis(20));
                 net.wake.wait_for(&mut q, wait);
             }
         }
@@ -360,10 +359,10 @@ impl Cluster {
         let deadline = Instant::now() + within;
         loop {
             if let Some(l) = self.leader_among(group, among) {
-                let agree = among.iter().filter_map(|n| self.nodes.get(n)).all(|n| {
-                    n.group(group)
-                        .is_some_and(|g| g.status().leader == Some(l))
-                });
+                let agree = among
+                    .iter()
+                    .filter_map(|n| self.nodes.get(n))
+                    .all(|n| n.group(group).is_some_and(|g| g.status().leader == Some(l)));
                 if agree {
                     return l;
                 }
@@ -505,5 +504,85 @@ impl Recorders {
 
     pub fn get(&self, node: u64, group: u64) -> RecordingSm {
         self.map.lock()[&(node, group)].clone()
+    }
+}
+
+/// A node served over real gRPC on 127.0.0.1, for socket-level tests and
+/// benchmarks.
+pub struct GrpcNode {
+    pub node: Node,
+    pub addr: std::net::SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+    close: tokio::sync::watch::Sender<bool>,
+}
+
+/// Binds `n` listeners on 127.0.0.1 ephemeral ports.
+pub async fn bind_local(n: usize) -> std::io::Result<Vec<tokio::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+    }
+    Ok(out)
+}
+
+impl GrpcNode {
+    /// Opens a node on `listener` with `peers` (id → host:port), starts
+    /// `groups` (bootstrapped with `voters` when new) and serves the raft
+    /// transport. Must run inside a multi-threaded tokio runtime.
+    pub fn start(
+        cfg: Config,
+        listener: tokio::net::TcpListener,
+        peers: HashMap<u64, String>,
+        groups: &[u64],
+        voters: &[u64],
+        factory: &SmFactory,
+    ) -> Result<Self> {
+        let id = cfg.node_id;
+        let addr = listener.local_addr()?;
+        let transport = crate::transport::GrpcTransport::new(id, peers);
+        let node = Node::open(cfg, Arc::new(transport))?;
+        for &g in groups {
+            node.start_group(g, voters, factory(id, g))?;
+        }
+        let (close, closed) = tokio::sync::watch::channel(false);
+        let svc =
+            crate::transport::RaftTransportService::new(Arc::new(node.clone()), closed.clone());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tokio::spawn(async move {
+            let mut closed = closed;
+            let res = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(svc.into_server())
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = closed.wait_for(|c| *c).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "raft server failed");
+            }
+        });
+        Ok(Self {
+            node,
+            addr,
+            server,
+            close,
+        })
+    }
+
+    /// Stops abruptly: connections drop mid-stream, groups stop; only what
+    /// was fsync'd remains.
+    pub async fn kill(self) {
+        let _ = self.close.send(true);
+        // Streams end at once; bound the wait for hyper to close anyway.
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("raft server did not stop within 2s; aborting it");
+            server.abort();
+        }
+        let node = self.node;
+        let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
     }
 }

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use protobuf::Message as _;
 use proto::raft::v1::raft_transport_client::RaftTransportClient;
 use proto::raft::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
 use proto::raft::v1::{RaftBatch, RaftEnvelope, StreamClosed};
+use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -161,13 +161,14 @@ async fn peer_loop(inner: Arc<GrpcInner>, to: u64, mut rx: mpsc::Receiver<RaftEn
             format!("http://{addr}")
         };
         let channel = match tonic::transport::Endpoint::from_shared(uri) {
-            Ok(ep) => ep
-                .connect_timeout(Duration::from_millis(500))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect()
-                .await,
+            Ok(ep) => {
+                ep.connect_timeout(Duration::from_millis(500))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+            }
             Err(e) => {
                 tracing::error!(peer = to, %addr, error = %e, "bad peer address");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -238,11 +239,14 @@ async fn peer_loop(inner: Arc<GrpcInner>, to: u64, mut rx: mpsc::Receiver<RaftEn
 /// The receiving end of the raft transport, serving `RaftTransport`.
 pub struct RaftTransportService {
     inbound: Arc<dyn Inbound>,
+    closed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftTransportService {
-    pub fn new(inbound: Arc<dyn Inbound>) -> Self {
-        Self { inbound }
+    /// Streams end when `closed` turns true, so a server's graceful
+    /// shutdown completes and peers reconnect to whatever replaces it.
+    pub fn new(inbound: Arc<dyn Inbound>, closed: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { inbound, closed }
     }
 
     /// The tonic server for this service, with limits raised for snapshots.
@@ -260,7 +264,17 @@ impl RaftTransport for RaftTransportService {
         request: tonic::Request<tonic::Streaming<RaftBatch>>,
     ) -> Result<tonic::Response<StreamClosed>, tonic::Status> {
         let mut stream = request.into_inner();
-        while let Some(batch) = stream.message().await? {
+        let mut closed = self.closed.clone();
+        loop {
+            let batch = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = closed.wait_for(|c| *c) => {
+                    return Err(tonic::Status::unavailable("node is shutting down"));
+                }
+            };
             for env in batch.envelopes {
                 match Message::parse_from_bytes(&env.message) {
                     Ok(msg) => self.inbound.deliver(env.group_id, msg),

@@ -32,7 +32,10 @@ async fn elects_exactly_one_leader() {
     let (c, _) = three();
     let leader = c.wait_leader(G).await;
     let statuses: Vec<_> = (1..=3).map(|n| c.handle(n, G).status()).collect();
-    assert_eq!(statuses.iter().filter(|s| s.role == Role::Leader).count(), 1);
+    assert_eq!(
+        statuses.iter().filter(|s| s.role == Role::Leader).count(),
+        1
+    );
     for s in &statuses {
         assert_eq!(s.leader, Some(leader));
         assert_eq!(s.voters, vec![1, 2, 3]);
@@ -137,7 +140,10 @@ async fn minority_leader_steps_down_and_cannot_commit() {
     // A write to the isolated leader never commits.
     let stuck = c.handle(old, G).propose(cmd(999)).await;
     assert!(
-        matches!(stuck, Err(Error::Timeout) | Err(Error::NotLeader { .. }) | Err(Error::Dropped(_))),
+        matches!(
+            stuck,
+            Err(Error::Timeout) | Err(Error::NotLeader { .. }) | Err(Error::Dropped(_))
+        ),
         "minority write must not succeed: {stuck:?}"
     );
     // Check-quorum: it stepped down.
@@ -186,7 +192,11 @@ async fn healed_partition_converges_without_losing_committed_entries() {
     for a in &acked {
         assert!(log.contains(a), "acknowledged {a:?} lost");
     }
-    assert!(acked.len() >= 30, "most writes went through: {}", acked.len());
+    assert!(
+        acked.len() >= 30,
+        "most writes went through: {}",
+        acked.len()
+    );
     assert_logs(&c, &rec, &log);
 }
 
@@ -260,13 +270,19 @@ async fn learner_is_added_caught_up_promoted_and_removed() {
     }
     // Node 4 starts empty and is added as a learner.
     c.start_node(4, &[G], &[]).unwrap();
-    c.handle(leader, G).add_learner(4, "sim-node-4").await.unwrap();
+    c.handle(leader, G)
+        .add_learner(4, "sim-node-4")
+        .await
+        .unwrap();
     let commit = c.handle(leader, G).status().commit;
     c.wait_applied(G, commit, 10 * SEC).await;
     let st = c.handle(4, G).status();
     assert_eq!(st.learners, vec![4]);
     assert_eq!(st.voters, vec![1, 2, 3]);
-    assert!(st.snapshots_installed >= 1, "caught up via snapshot: {st:?}");
+    assert!(
+        st.snapshots_installed >= 1,
+        "caught up via snapshot: {st:?}"
+    );
 
     c.handle(leader, G).promote(4).await.unwrap();
     let st = c.handle(leader, G).status();
@@ -279,7 +295,10 @@ async fn learner_is_added_caught_up_promoted_and_removed() {
     c.propose(G, cmd(50), 5 * SEC).await.unwrap();
     c.restart(victim).unwrap();
 
-    c.handle(c.wait_leader(G).await, G).remove(victim).await.unwrap();
+    c.handle(c.wait_leader(G).await, G)
+        .remove(victim)
+        .await
+        .unwrap();
     let leader = c.wait_leader(G).await;
     let st = c.handle(leader, G).status();
     assert!(!st.voters.contains(&victim));
@@ -323,7 +342,11 @@ async fn read_index_sees_acknowledged_writes_on_any_replica() {
     for n in 1..=3 {
         let idx = c.handle(n, G).read_index().await.expect("read_index");
         assert!(c.handle(n, G).status().applied >= idx);
-        assert_eq!(rec.get(n, G).commands().len(), 5, "node {n} saw every write");
+        assert_eq!(
+            rec.get(n, G).commands().len(),
+            5,
+            "node {n} saw every write"
+        );
     }
 }
 
@@ -353,7 +376,10 @@ async fn many_groups_progress_independently() {
 
     // Stall group 1 by isolating its leader; others keep committing.
     let l1 = c.wait_leader(1).await;
-    let before: Vec<u64> = groups.iter().map(|&g| c.handle(l1, g).status().term).collect();
+    let before: Vec<u64> = groups
+        .iter()
+        .map(|&g| c.handle(l1, g).status().term)
+        .collect();
     c.net.isolate(l1, &[1, 2, 3]);
     let others: Vec<u64> = (1..=3).filter(|&n| n != l1).collect();
     for &g in &groups {

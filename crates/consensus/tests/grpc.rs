@@ -1,0 +1,100 @@
+//! A three-node cluster over real gRPC sockets on 127.0.0.1: replication,
+//! leader failover, and a killed node restarting from disk and catching up.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use consensus::testkit::{bind_local, GrpcNode, Recorders};
+use consensus::{Config, Error};
+
+const G: u64 = 1;
+
+async fn leader_of(nodes: &HashMap<u64, GrpcNode>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let leaders: Vec<u64> = nodes
+            .values()
+            .map(|n| n.node.group(G).unwrap().status())
+            .filter(|s| s.is_leader())
+            .map(|s| s.node)
+            .collect();
+        if leaders.len() == 1 {
+            return leaders[0];
+        }
+        assert!(Instant::now() < deadline, "no single leader: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_loopback_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorders::default();
+    let factory = rec.factory();
+    let listeners = bind_local(3).await.unwrap();
+    let peers: HashMap<u64, String> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
+        .collect();
+    let mut nodes = HashMap::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let id = i as u64 + 1;
+        let cfg = Config::new(id, dir.path().join(format!("n{id}")));
+        let n = GrpcNode::start(cfg, l, peers.clone(), &[G], &[1, 2, 3], &factory).unwrap();
+        nodes.insert(id, n);
+    }
+    let leader = leader_of(&nodes).await;
+    let h = nodes[&leader].node.group(G).unwrap();
+    for i in 0..100u32 {
+        h.propose(i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    // The follower's hint names the leader's real address.
+    let follower = (1..=3).find(|&n| n != leader).unwrap();
+    match nodes[&follower]
+        .node
+        .group(G)
+        .unwrap()
+        .propose(vec![1])
+        .await
+    {
+        Err(Error::NotLeader {
+            leader: Some(l),
+            leader_addr: Some(a),
+        }) => {
+            assert_eq!(l, leader);
+            assert_eq!(a, peers[&leader]);
+        }
+        other => panic!("expected a leader hint, got {other:?}"),
+    }
+
+    // Kill the leader; the others elect a new one and commit.
+    nodes.remove(&leader).unwrap().kill().await;
+    let new = leader_of(&nodes).await;
+    assert_ne!(new, leader);
+    let h = nodes[&new].node.group(G).unwrap();
+    for i in 100..150u32 {
+        h.propose(i.to_be_bytes().to_vec()).await.unwrap();
+    }
+
+    // The killed node restarts on the same port from its directory.
+    let l = tokio::net::TcpListener::bind(&peers[&leader])
+        .await
+        .unwrap();
+    let cfg = Config::new(leader, dir.path().join(format!("n{leader}")));
+    let n = GrpcNode::start(cfg, l, peers.clone(), &[G], &[], &factory).unwrap();
+    nodes.insert(leader, n);
+    let commit = h.status().commit;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes[&leader].node.group(G).unwrap().status().applied < commit {
+        assert!(Instant::now() < deadline, "restarted node did not catch up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let expected: Vec<Vec<u8>> = (0..150u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    for id in 1..=3 {
+        assert_eq!(rec.get(id, G).commands(), expected, "node {id}");
+    }
+    for (_, n) in nodes {
+        n.kill().await;
+    }
+}
