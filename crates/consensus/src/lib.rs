@@ -24,6 +24,7 @@
 pub mod config;
 pub mod error;
 mod group;
+pub mod grpc_status;
 mod logger;
 pub mod node;
 pub mod state_machine;

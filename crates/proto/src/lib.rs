@@ -11,6 +11,12 @@ pub mod common {
     }
 }
 
+pub mod demo {
+    pub mod v1 {
+        tonic::include_proto!("dsync.demo.v1");
+    }
+}
+
 pub mod raft {
     pub mod v1 {
         tonic::include_proto!("dsync.raft.v1");
