@@ -53,6 +53,8 @@ use crate::storage::{GroupStorage, WriteSet};
 use crate::transport::Transport;
 
 type Reply<T> = oneshot::Sender<Result<T>>;
+/// A proposer's reply channel with the answer it is owed.
+type Answer = (Reply<Vec<u8>>, Result<Vec<u8>>);
 
 /// What callers and the transport send to a group's driver.
 pub(crate) enum Request {
@@ -109,7 +111,7 @@ pub(crate) struct Driver {
     transfers: Vec<(u64, Instant, Reply<()>)>,
     /// Answers to proposals applied in this ready, sent after the status is
     /// published so a caller never sees a status older than its answer.
-    answers: Vec<(Reply<Vec<u8>>, Result<Vec<u8>>)>,
+    answers: Vec<Answer>,
     applied: u64,
     applied_term: u64,
     snapshot_index: u64,
@@ -558,8 +560,10 @@ impl Driver {
         if !force && !due {
             return;
         }
-        let mut snap = Snapshot::default();
-        snap.data = self.sm.snapshot().into();
+        let mut snap = Snapshot {
+            data: self.sm.snapshot().into(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = self.applied;
         meta.term = self.applied_term;

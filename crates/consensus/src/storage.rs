@@ -388,11 +388,12 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8; 10].into();
-        e
+        Entry {
+            index,
+            term,
+            data: vec![index as u8; 10].into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -404,10 +405,12 @@ mod tests {
             assert!(g.is_empty());
             g.bootstrap(&[1, 2, 3]).unwrap();
             let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
-            let mut hs = HardState::default();
-            hs.term = 1;
-            hs.vote = 2;
-            hs.commit = 8;
+            let hs = HardState {
+                term: 1,
+                vote: 2,
+                commit: 8,
+                ..Default::default()
+            };
             g.persist(
                 WriteSet {
                     entries: &ents,

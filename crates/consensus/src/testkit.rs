@@ -435,11 +435,14 @@ impl Drop for Cluster {
 /// response to a command is the index it was applied at (big-endian u64).
 #[derive(Clone, Default)]
 pub struct RecordingSm {
-    pub log: Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
+    pub log: Arc<Mutex<Vec<Applied>>>,
 }
 
+/// (index, command) as applied.
+pub type Applied = (u64, Vec<u8>);
+
 impl RecordingSm {
-    pub fn entries(&self) -> Vec<(u64, Vec<u8>)> {
+    pub fn entries(&self) -> Vec<Applied> {
         self.log.lock().clone()
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use consensus::grpc_status::leader_hint;
+use consensus::testkit::Applied;
 use parking_lot::Mutex;
 use proto::demo::v1::replicated_log_client::ReplicatedLogClient;
 use proto::demo::v1::{AppendRequest, ReadRequest, StatusRequest};
@@ -155,7 +156,7 @@ async fn sigkill_loses_no_acknowledged_append() {
     }
     leader(&addrs).await;
 
-    let acked: Arc<Mutex<Vec<(u64, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Applied>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4)
         .map(|w| {
