@@ -53,12 +53,7 @@ pub fn to_status(e: &Error, group: u64) -> Status {
     }
 }
 
-/// The leader hint attached to a status, if any.
-pub fn leader_hint(status: &Status) -> Option<LeaderHint> {
-    let v = status.metadata().get_bin(LEADER_HINT_METADATA)?;
-    let bytes = v.to_bytes().ok()?;
-    LeaderHint::decode(bytes.as_ref()).ok()
-}
+pub use proto::leader_hint;
 
 #[cfg(test)]
 mod tests {

@@ -589,3 +589,85 @@ impl GrpcNode {
         let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
     }
 }
+
+/// Link faults for nodes on real sockets: a wrapper around any transport
+/// (outbound) and inbound handler that drops messages on cut links. Gives
+/// partitions over real gRPC without touching the network.
+#[derive(Default)]
+pub struct Faults {
+    cut: Mutex<HashSet<(u64, u64)>>,
+}
+
+impl Faults {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Cuts `node` off from every node in `others`, both ways.
+    pub fn isolate(&self, node: u64, others: &[u64]) {
+        let mut cut = self.cut.lock();
+        for &o in others.iter().filter(|&&o| o != node) {
+            cut.insert((node, o));
+            cut.insert((o, node));
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.lock().clear();
+    }
+
+    pub fn is_cut(&self, from: u64, to: u64) -> bool {
+        self.cut.lock().contains(&(from, to))
+    }
+
+    /// Wraps `node`'s outbound transport.
+    pub fn transport(self: &Arc<Self>, node: u64, inner: Arc<dyn Transport>) -> Arc<dyn Transport> {
+        Arc::new(FaultyTransport {
+            node,
+            inner,
+            faults: self.clone(),
+        })
+    }
+
+    /// Wraps `node`'s inbound handler.
+    pub fn inbound(self: &Arc<Self>, node: u64, inner: Arc<dyn Inbound>) -> Arc<dyn Inbound> {
+        Arc::new(FaultyInbound {
+            node,
+            inner,
+            faults: self.clone(),
+        })
+    }
+}
+
+struct FaultyTransport {
+    node: u64,
+    inner: Arc<dyn Transport>,
+    faults: Arc<Faults>,
+}
+
+impl Transport for FaultyTransport {
+    fn send(&self, group: u64, mut msgs: Vec<Message>) {
+        msgs.retain(|m| !self.faults.is_cut(self.node, m.to));
+        self.inner.send(group, msgs);
+    }
+    fn peer_addr(&self, node: u64) -> Option<String> {
+        self.inner.peer_addr(node)
+    }
+    fn set_peer_addr(&self, node: u64, addr: String) {
+        self.inner.set_peer_addr(node, addr)
+    }
+}
+
+struct FaultyInbound {
+    node: u64,
+    inner: Arc<dyn Inbound>,
+    faults: Arc<Faults>,
+}
+
+impl Inbound for FaultyInbound {
+    fn deliver(&self, group: u64, msg: Message) {
+        if !self.faults.is_cut(msg.from, self.node) {
+            self.inner.deliver(group, msg);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The dsync Rust client.
+//!
+//! [`Conn`] talks to a replica set: it sends each call to the replica it
+//! believes leads, follows `UNAVAILABLE` + leader hints to the real leader,
+//! and retries with backoff across elections and dead replicas. Service
+//! clients ([`lock::LockClient`]) are built on it.
+
+pub mod lock;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+pub use lock::{LockClient, LockGuard, Session};
+pub use proto::lock::v1::LockMode;
+
+/// How a [`Conn`] retries.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub connect_timeout: Duration,
+    /// Give up on a call after retrying this long (elections take ~0.3 s).
+    pub retry_for: Duration,
+    /// Per-attempt timeout of calls that do not wait for a lock.
+    pub request_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(500),
+            retry_for: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A leader-following connection to one dsync replica set.
+#[derive(Clone)]
+pub struct Conn {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: Options,
+    state: Mutex<State>,
+}
+
+struct State {
+    endpoints: Vec<String>,
+    leader: Option<String>,
+    next: usize,
+    channels: HashMap<String, Channel>,
+}
+
+impl Conn {
+    /// Connects lazily to `endpoints` (host:port, any replica of the set).
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>, opts: Options) -> Result<Self, Status> {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        if endpoints.is_empty() {
+            return Err(Status::invalid_argument("no endpoints given"));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                opts,
+                state: Mutex::new(State {
+                    endpoints,
+                    leader: None,
+                    next: 0,
+                    channels: HashMap::new(),
+                }),
+            }),
+        })
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.inner.opts
+    }
+
+    /// The replica calls currently go to.
+    pub fn current(&self) -> String {
+        let s = self.inner.state.lock();
+        s.leader
+            .clone()
+            .unwrap_or_else(|| s.endpoints[s.next % s.endpoints.len()].clone())
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut s = self.inner.state.lock();
+        if let Some(c) = s.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let uri = if addr.starts_with("http") { addr.to_owned() } else { format!("http://{addr}") };
+        let ch = Endpoint::from_shared(uri)
+            .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
+            .connect_timeout(self.inner.opts.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        s.channels.insert(addr.to_owned(), ch.clone());
+        Ok(ch)
+    }
+
+    fn follow(&self, addr: &str, hint: Option<String>) {
+        let mut s = self.inner.state.lock();
+        match hint {
+            Some(h) => {
+                if !s.endpoints.contains(&h) {
+                    s.endpoints.push(h.clone());
+                }
+                s.leader = Some(h);
+            }
+            None => {
+                s.leader = None;
+                if s.endpoints.get(s.next % s.endpoints.len()).map(String::as_str) == Some(addr) {
+                    s.next += 1;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` against the leader, following hints and retrying
+    /// UNAVAILABLE (no leader, not the leader, replica down) until
+    /// `retry_for` passes. Other errors are returned as they are.
+    pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.inner.opts.retry_for;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let addr = self.current();
+            let err = match f(self.channel(&addr)?).await {
+                Ok(v) => {
+                    self.inner.state.lock().leader = Some(addr);
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            if err.code() != Code::Unavailable || Instant::now() >= deadline {
+                return Err(err);
+            }
+            let hint = proto::leader_hint(&err)
+                .filter(|h| !h.leader_addr.is_empty() && h.leader_addr != addr)
+                .map(|h| h.leader_addr);
+            let followed = hint.is_some();
+            self.follow(&addr, hint);
+            if !followed {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}

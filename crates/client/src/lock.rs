@@ -1,0 +1,402 @@
+//! The lock service client: sessions kept alive in the background, lock
+//! guards that carry their fencing token and release on drop.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tonic::Status> {
+//! use dsync_client::{LockClient, LockMode};
+//! use std::time::Duration;
+//! let client = LockClient::connect(["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"])?;
+//! let session = client.open_session(Duration::from_secs(10), "billing-worker").await?;
+//! let guard = session.acquire("invoice/42", LockMode::Exclusive, None).await?;
+//! // Pass guard.fencing_token() to the storage you protect.
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::lock::v1::lock_service_client::LockServiceClient;
+use proto::lock::v1::*;
+use tonic::{Code, Request, Status};
+
+use crate::{Conn, Options};
+
+/// Client of a lock-svc replica set.
+#[derive(Clone)]
+pub struct LockClient {
+    conn: Conn,
+}
+
+fn req<T>(msg: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+impl LockClient {
+    pub fn connect(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Result<Self, Status> {
+        Self::with_options(endpoints, Options::default())
+    }
+
+    pub fn with_options(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        opts: Options,
+    ) -> Result<Self, Status> {
+        Ok(Self {
+            conn: Conn::new(endpoints, opts)?,
+        })
+    }
+
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    fn timeout(&self) -> Duration {
+        self.conn.options().request_timeout
+    }
+
+    /// Opens a session and keeps it alive every `ttl / 3` until it is
+    /// closed or dropped.
+    pub async fn open_session(&self, ttl: Duration, name: &str) -> Result<Session, Status> {
+        let r = self.open_session_unmanaged(ttl, name).await?;
+        Ok(Session::start(self.clone(), r.session_id, Duration::from_millis(r.ttl_ms)))
+    }
+
+    /// Opens a session that nothing keeps alive: the caller sends
+    /// keep-alives (or lets it expire).
+    pub async fn open_session_unmanaged(&self, ttl: Duration, name: &str) -> Result<OpenSessionResponse, Status> {
+        let t = self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| {
+                let msg = OpenSessionRequest {
+                    ttl_ms: ttl.as_millis() as u64,
+                    client_name: name.to_owned(),
+                };
+                async move { LockServiceClient::new(ch).open_session(req(msg, t)).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Attaches to an existing session without keeping it alive.
+    pub fn session(&self, id: u64) -> Session {
+        Session {
+            client: self.clone(),
+            id,
+            ttl: Duration::ZERO,
+            lost: Arc::new(AtomicBool::new(false)),
+            keepalive: None,
+            close_on_drop: false,
+        }
+    }
+
+    pub async fn keep_alive(&self, session_id: u64) -> Result<KeepAliveResponse, Status> {
+        let t = self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| async move {
+                LockServiceClient::new(ch)
+                    .keep_alive(req(KeepAliveRequest { session_id }, t))
+                    .await
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn close_session(&self, session_id: u64) -> Result<CloseSessionResponse, Status> {
+        let t = self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| async move {
+                LockServiceClient::new(ch)
+                    .close_session(req(CloseSessionRequest { session_id }, t))
+                    .await
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Acquires with a wait (`None` = the server default of 30 s, zero =
+    /// try-lock). Retries across leader changes are idempotent: each call
+    /// carries a random request id the server deduplicates on.
+    pub async fn acquire(
+        &self,
+        session_id: u64,
+        resource: &str,
+        mode: LockMode,
+        wait: Option<Duration>,
+    ) -> Result<AcquireResponse, Status> {
+        let request_id = rand::random::<u64>() | 1;
+        let wait_ms = wait.map(|w| w.as_millis() as u64);
+        let t = Duration::from_millis(wait_ms.unwrap_or(30_000)) + self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| {
+                let msg = AcquireRequest {
+                    session_id,
+                    resource: resource.to_owned(),
+                    mode: mode as i32,
+                    wait_timeout_ms: wait_ms,
+                    request_id,
+                };
+                async move { LockServiceClient::new(ch).acquire(req(msg, t)).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn release(&self, session_id: u64, lock_id: u64, resource: &str) -> Result<(), Status> {
+        let t = self.timeout();
+        self.conn
+            .call(|ch| {
+                let msg = ReleaseRequest {
+                    session_id,
+                    lock_id,
+                    resource: resource.to_owned(),
+                };
+                async move { LockServiceClient::new(ch).release(req(msg, t)).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn status(&self, resource: &str) -> Result<GetStatusResponse, Status> {
+        let t = self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| {
+                let msg = GetStatusRequest {
+                    resource: resource.to_owned(),
+                };
+                async move { LockServiceClient::new(ch).get_status(req(msg, t)).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list_locks(
+        &self,
+        page_size: u32,
+        page_token: &str,
+        session_id: u64,
+    ) -> Result<ListLocksResponse, Status> {
+        let t = self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| {
+                let msg = ListLocksRequest {
+                    page_size,
+                    page_token: page_token.to_owned(),
+                    session_id,
+                };
+                async move { LockServiceClient::new(ch).list_locks(req(msg, t)).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list_sessions(&self) -> Result<ListSessionsResponse, Status> {
+        let t = self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| async move {
+                LockServiceClient::new(ch)
+                    .list_sessions(req(ListSessionsRequest {}, t))
+                    .await
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn upgrade(&self, session_id: u64, lock_id: u64, wait: Option<Duration>) -> Result<u64, Status> {
+        let wait_ms = wait.map(|w| w.as_millis() as u64);
+        let t = Duration::from_millis(wait_ms.unwrap_or(30_000)) + self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| {
+                let msg = UpgradeRequest {
+                    session_id,
+                    lock_id,
+                    wait_timeout_ms: wait_ms,
+                };
+                async move { LockServiceClient::new(ch).upgrade(req(msg, t)).await }
+            })
+            .await?
+            .into_inner()
+            .fencing_token)
+    }
+
+    pub async fn downgrade(&self, session_id: u64, lock_id: u64) -> Result<u64, Status> {
+        let t = self.timeout();
+        Ok(self
+            .conn
+            .call(|ch| async move {
+                LockServiceClient::new(ch)
+                    .downgrade(req(DowngradeRequest { session_id, lock_id }, t))
+                    .await
+            })
+            .await?
+            .into_inner()
+            .fencing_token)
+    }
+}
+
+/// A lock-service session. Kept alive in the background; closed (locks
+/// released) when dropped, unless it was attached with
+/// [`LockClient::session`].
+pub struct Session {
+    client: LockClient,
+    id: u64,
+    ttl: Duration,
+    lost: Arc<AtomicBool>,
+    keepalive: Option<tokio::task::JoinHandle<()>>,
+    close_on_drop: bool,
+}
+
+impl Session {
+    fn start(client: LockClient, id: u64, ttl: Duration) -> Self {
+        let lost = Arc::new(AtomicBool::new(false));
+        let (c, l) = (client.clone(), lost.clone());
+        let keepalive = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match c.keep_alive(id).await {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.code(), Code::NotFound | Code::FailedPrecondition) => {
+                        tracing::warn!(session = id, error = %e, "session lost");
+                        l.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => tracing::debug!(session = id, error = %e, "keep-alive failed; retrying"),
+                }
+            }
+        });
+        Self {
+            client,
+            id,
+            ttl,
+            lost,
+            keepalive: Some(keepalive),
+            close_on_drop: true,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// True once the service said the session expired: its locks are gone.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    pub fn client(&self) -> &LockClient {
+        &self.client
+    }
+
+    /// Acquires `resource`; see [`LockClient::acquire`].
+    pub async fn acquire(&self, resource: &str, mode: LockMode, wait: Option<Duration>) -> Result<LockGuard, Status> {
+        let r = self.client.acquire(self.id, resource, mode, wait).await?;
+        Ok(LockGuard {
+            client: self.client.clone(),
+            session_id: self.id,
+            lock_id: r.lock_id,
+            token: r.fencing_token,
+            mode: LockMode::try_from(r.mode).unwrap_or(mode),
+            resource: resource.to_owned(),
+            released: false,
+        })
+    }
+
+    /// Stops the keep-alive and closes the session (releasing its locks).
+    pub async fn close(mut self) -> Result<CloseSessionResponse, Status> {
+        self.close_on_drop = false;
+        if let Some(k) = self.keepalive.take() {
+            k.abort();
+        }
+        self.client.close_session(self.id).await
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(k) = self.keepalive.take() {
+            k.abort();
+        }
+        if self.close_on_drop {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (c, id) = (self.client.clone(), self.id);
+                rt.spawn(async move {
+                    let _ = c.close_session(id).await;
+                });
+            }
+        }
+    }
+}
+
+/// A held lock. Released on [`LockGuard::release`] or, in the background,
+/// on drop.
+pub struct LockGuard {
+    client: LockClient,
+    session_id: u64,
+    lock_id: u64,
+    token: u64,
+    mode: LockMode,
+    resource: String,
+    released: bool,
+}
+
+impl LockGuard {
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+    pub fn lock_id(&self) -> u64 {
+        self.lock_id
+    }
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+
+    /// Upgrades an upgradeable lock to exclusive; the token changes.
+    pub async fn upgrade(&mut self, wait: Option<Duration>) -> Result<u64, Status> {
+        self.token = self.client.upgrade(self.session_id, self.lock_id, wait).await?;
+        self.mode = LockMode::Exclusive;
+        Ok(self.token)
+    }
+
+    /// Downgrades to shared.
+    pub async fn downgrade(&mut self) -> Result<u64, Status> {
+        self.token = self.client.downgrade(self.session_id, self.lock_id).await?;
+        self.mode = LockMode::Shared;
+        Ok(self.token)
+    }
+
+    pub async fn release(mut self) -> Result<(), Status> {
+        self.released = true;
+        self.client.release(self.session_id, self.lock_id, "").await
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (c, s, l) = (self.client.clone(), self.session_id, self.lock_id);
+            rt.spawn(async move {
+                let _ = c.release(s, l, "").await;
+            });
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The Raft-facing side of the lock table: [`LockMachine`] implements
+//! `consensus::StateMachine` over a shared [`LockState`], and routes the
+//! events of each applied command to the request handlers waiting on them
+//! through the [`Waits`] registry.
+//!
+//! Every replica applies and emits the same events; only the replica whose
+//! handler is blocked on a wait has a listener for it. That includes a
+//! former leader: its handler is still told when the wait it queued is
+//! granted after a leader change, because it still applies the log.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use prost::Message;
+use proto::lock::v1::internal::{Command, Error, ErrorCode, Outcome};
+
+use crate::state::{Event, LockState};
+
+/// Undelivered outcomes kept for handlers that have not registered yet.
+const UNCLAIMED: usize = 65_536;
+
+/// Waits that handlers block on, by waiter id.
+#[derive(Default)]
+pub struct Waits {
+    inner: Mutex<WaitsInner>,
+}
+
+#[derive(Default)]
+struct WaitsInner {
+    listeners: HashMap<u64, tokio::sync::oneshot::Sender<Outcome>>,
+    unclaimed: HashMap<u64, Outcome>,
+    order: VecDeque<u64>,
+}
+
+impl Waits {
+    /// Resolves with the outcome of wait `id` (possibly decided already).
+    pub fn wait(&self, id: u64) -> tokio::sync::oneshot::Receiver<Outcome> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut w = self.inner.lock();
+        if let Some(o) = w.unclaimed.remove(&id) {
+            let _ = tx.send(o);
+        } else {
+            w.listeners.insert(id, tx);
+        }
+        rx
+    }
+
+    /// Stops listening for wait `id` (the handler went away).
+    pub fn forget(&self, id: u64) {
+        self.inner.lock().listeners.remove(&id);
+    }
+
+    fn publish(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut w = self.inner.lock();
+        for e in events {
+            match w.listeners.remove(&e.waiter_id) {
+                Some(tx) => {
+                    let _ = tx.send(e.outcome);
+                }
+                None => {
+                    w.unclaimed.insert(e.waiter_id, e.outcome);
+                    w.order.push_back(e.waiter_id);
+                    while w.order.len() > UNCLAIMED {
+                        if let Some(old) = w.order.pop_front() {
+                            w.unclaimed.remove(&old);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The replicated lock table as a consensus state machine.
+pub struct LockMachine {
+    pub state: Arc<RwLock<LockState>>,
+    pub waits: Arc<Waits>,
+}
+
+impl consensus::StateMachine for LockMachine {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        let (outcome, events) = match Command::decode(command) {
+            Ok(cmd) => self.state.write().apply(index, cmd),
+            Err(e) => (
+                Outcome {
+                    result: Some(proto::lock::v1::internal::outcome::Result::Error(Error {
+                        code: ErrorCode::InvalidArgument as i32,
+                        message: format!("undecodable command: {e}"),
+                    })),
+                },
+                Vec::new(),
+            ),
+        };
+        self.waits.publish(events);
+        outcome.encode_to_vec()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.state.read()).expect("lock state serializes")
+    }
+
+    fn restore(&mut self, _index: u64, data: &[u8]) -> Result<(), String> {
+        let state: LockState = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        *self.state.write() = state;
+        Ok(())
+    }
+}

@@ -1,0 +1,988 @@
+//! The lock table: a pure, deterministic state machine.
+//!
+//! Every replica applies the same [`Command`]s in the same order and reaches
+//! the same state; nothing here reads a clock, draws a random number or does
+//! I/O. Time is `Command::now_ms`, the leader's wall clock when it proposed
+//! the command (kept monotone here). Identifiers come from the Raft index of
+//! the command that created the thing: a session opened at index 41 is
+//! session 41, a lock granted by (or a wait queued by) the `Acquire` at
+//! index 57 is lock 57.
+//!
+//! Semantics:
+//! - Modes: shared (S), exclusive (X), upgradeable (U). S is compatible with
+//!   S and U; U with S only; X with nothing. A U holder upgrades to X once
+//!   it is the only holder, without releasing; X or U downgrade to S.
+//! - Waiting is strictly FIFO per resource: a request is granted at once
+//!   only if nobody waits and it is compatible with every holder; otherwise
+//!   it queues. When holders change, waiters are granted from the head while
+//!   compatible (so compatible waiters at the head are granted together) and
+//!   granting stops at the first incompatible one — a writer is never
+//!   starved by a stream of readers. Upgrade waits go to the head.
+//! - Fencing tokens come from one counter that only ever increases and is
+//!   part of the replicated state, so a token is strictly greater than any
+//!   token granted before it for any resource, across leader changes.
+//! - Sessions own locks and waits. A session not kept alive within its TTL
+//!   expires at the next `Tick`: its locks are released, its waits cancelled.
+//! - Deadlocks: sessions form a wait-for graph (a waiter waits for the
+//!   incompatible holders and the incompatible waiters ahead of it). A new
+//!   wait that closes a cycle, or a cycle found by the periodic scan in
+//!   `Tick`, aborts the youngest wait in the cycle with a message naming it.
+//!
+//! `apply` returns the outcome for the proposer plus [`Event`]s for waits
+//! decided by this command (granted, timed out, aborted); the service layer
+//! routes those to the handlers blocked on them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use proto::lock::v1::internal::{
+    command::Cmd, outcome::Result as Res, Command, Counts, Error, ErrorCode, Granted, Outcome,
+    Queued, SessionOpened,
+};
+use proto::lock::v1::LockMode;
+use serde::{Deserialize, Serialize};
+
+/// Limits and defaults, documented once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Limits {
+    pub max_resource_bytes: usize,
+    pub max_client_name_bytes: usize,
+    pub min_ttl_ms: u64,
+    pub max_ttl_ms: u64,
+    pub default_ttl_ms: u64,
+    pub default_wait_ms: u64,
+    pub max_wait_ms: u64,
+    pub max_sessions: usize,
+    pub max_locks: usize,
+    pub max_waiters_per_resource: usize,
+    /// How long after its deadline a wait nobody cancelled is expired by a
+    /// `Tick` (the handler that waits normally cancels it on time).
+    pub wait_grace_ms: u64,
+    /// Expired session ids remembered, to answer "expired" not "unknown".
+    pub remembered_expired: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_resource_bytes: 512,
+            max_client_name_bytes: 256,
+            min_ttl_ms: 1_000,
+            max_ttl_ms: 3_600_000,
+            default_ttl_ms: 10_000,
+            default_wait_ms: 30_000,
+            max_wait_ms: 300_000,
+            max_sessions: 100_000,
+            max_locks: 1_000_000,
+            max_waiters_per_resource: 10_000,
+            wait_grace_ms: 2_000,
+            remembered_expired: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Mode {
+    Shared,
+    Exclusive,
+    Upgradeable,
+}
+
+impl Mode {
+    pub fn from_proto(m: i32) -> Option<Mode> {
+        match LockMode::try_from(m).ok()? {
+            LockMode::Shared => Some(Mode::Shared),
+            LockMode::Exclusive => Some(Mode::Exclusive),
+            LockMode::Upgradeable => Some(Mode::Upgradeable),
+            LockMode::Unspecified => None,
+        }
+    }
+
+    pub fn to_proto(self) -> LockMode {
+        match self {
+            Mode::Shared => LockMode::Shared,
+            Mode::Exclusive => LockMode::Exclusive,
+            Mode::Upgradeable => LockMode::Upgradeable,
+        }
+    }
+
+    pub fn compatible(self, other: Mode) -> bool {
+        matches!(
+            (self, other),
+            (Mode::Shared, Mode::Shared)
+                | (Mode::Shared, Mode::Upgradeable)
+                | (Mode::Upgradeable, Mode::Shared)
+        )
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Exclusive => "exclusive",
+            Mode::Upgradeable => "upgradeable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: u64,
+    pub name: String,
+    pub ttl_ms: u64,
+    pub last_seen_ms: u64,
+    pub locks: BTreeSet<u64>,
+    pub waits: BTreeSet<u64>,
+    /// Idempotency: request id → lock or waiter id it created.
+    pub requests: BTreeMap<u64, u64>,
+}
+
+impl Session {
+    pub fn expires_at(&self) -> u64 {
+        self.last_seen_ms.saturating_add(self.ttl_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub lock_id: u64,
+    pub session: u64,
+    pub mode: Mode,
+    pub token: u64,
+    pub since_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiter {
+    pub id: u64,
+    pub session: u64,
+    pub mode: Mode,
+    pub since_ms: u64,
+    pub deadline_ms: u64,
+    /// The held lock this wait upgrades, if it is an upgrade.
+    pub upgrade_of: Option<u64>,
+    pub request_id: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource {
+    pub holders: BTreeMap<u64, Holder>,
+    pub queue: VecDeque<Waiter>,
+}
+
+impl Resource {
+    /// The strongest mode held, if any.
+    pub fn mode(&self) -> Option<Mode> {
+        self.holders.values().map(|h| h.mode).max_by_key(|m| match m {
+            Mode::Shared => 0,
+            Mode::Upgradeable => 1,
+            Mode::Exclusive => 2,
+        })
+    }
+
+    fn compatible_with_holders(&self, mode: Mode) -> bool {
+        self.holders.values().all(|h| mode.compatible(h.mode))
+    }
+}
+
+/// Counters kept in the replicated state (so every replica agrees).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub grants: u64,
+    pub timeouts: u64,
+    pub deadlocks: u64,
+    pub expired_sessions: u64,
+}
+
+/// A wait decided by a command other than the one that queued it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub waiter_id: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockState {
+    pub limits: Limits,
+    pub sessions: BTreeMap<u64, Session>,
+    pub resources: BTreeMap<String, Resource>,
+    /// lock id → resource.
+    pub locks: BTreeMap<u64, String>,
+    /// waiter id → resource.
+    pub waiters: BTreeMap<u64, String>,
+    /// Recently expired sessions: id → when.
+    pub expired: BTreeMap<u64, u64>,
+    pub next_token: u64,
+    pub now_ms: u64,
+    pub applied: u64,
+    pub stats: Stats,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Outcome {
+    Outcome {
+        result: Some(Res::Error(Error {
+            code: code as i32,
+            message: message.into(),
+        })),
+    }
+}
+
+fn granted(lock_id: u64, token: u64, mode: Mode) -> Outcome {
+    Outcome {
+        result: Some(Res::Granted(Granted {
+            lock_id,
+            fencing_token: token,
+            mode: mode.to_proto() as i32,
+        })),
+    }
+}
+
+fn counts(released: usize, cancelled: usize) -> Outcome {
+    Outcome {
+        result: Some(Res::Counts(Counts {
+            released: released as u32,
+            cancelled: cancelled as u32,
+        })),
+    }
+}
+
+impl LockState {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            next_token: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Applies the command committed at `index`.
+    pub fn apply(&mut self, index: u64, cmd: Command) -> (Outcome, Vec<Event>) {
+        self.applied = index;
+        // The leader's clock may step back after a failover; keep time monotone.
+        self.now_ms = self.now_ms.max(cmd.now_ms);
+        let mut events = Vec::new();
+        let outcome = match cmd.cmd {
+            None => err(ErrorCode::InvalidArgument, "empty command"),
+            Some(Cmd::OpenSession(c)) => self.open_session(index, c.ttl_ms, c.client_name),
+            Some(Cmd::KeepAlive(c)) => match self.session_mut(c.session_id) {
+                Ok(s) => {
+                    s.last_seen_ms = cmd.now_ms.max(s.last_seen_ms);
+                    Outcome {
+                        result: Some(Res::Session(SessionOpened {
+                            session_id: s.id,
+                            ttl_ms: s.ttl_ms,
+                        })),
+                    }
+                }
+                Err(e) => e,
+            },
+            Some(Cmd::CloseSession(c)) => match self.session_mut(c.session_id) {
+                Ok(_) => {
+                    let (r, w) = self.end_session(c.session_id, "closed", &mut events);
+                    counts(r, w)
+                }
+                Err(e) => e,
+            },
+            Some(Cmd::Acquire(c)) => self.acquire(index, c, &mut events),
+            Some(Cmd::Release(c)) => self.release(c.session_id, c.lock_id, &c.resource, &mut events),
+            Some(Cmd::ReleaseAll(c)) => match self.session_mut(c.session_id) {
+                Ok(_) => {
+                    let (r, w) = self.release_all(c.session_id, "its session released all locks", &mut events);
+                    counts(r, w)
+                }
+                Err(e) => e,
+            },
+            Some(Cmd::Upgrade(c)) => self.upgrade(index, c, &mut events),
+            Some(Cmd::Downgrade(c)) => self.downgrade(c.session_id, c.lock_id, &mut events),
+            Some(Cmd::CancelWait(c)) => {
+                let n = self.cancel_wait(c.waiter_id, &mut events);
+                counts(0, n)
+            }
+            Some(Cmd::Tick(t)) => {
+                self.tick(t.refresh_sessions, &mut events);
+                counts(0, 0)
+            }
+        };
+        (outcome, events)
+    }
+
+    fn session_mut(&mut self, id: u64) -> Result<&mut Session, Outcome> {
+        if let Some(at) = self.expired.get(&id) {
+            let at = *at;
+            return Err(err(
+                ErrorCode::FailedPrecondition,
+                format!("session {id} expired at {at} ms (its TTL passed without a keep-alive); open a new session"),
+            ));
+        }
+        self.sessions
+            .get_mut(&id)
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("session {id} does not exist")))
+    }
+
+    fn open_session(&mut self, index: u64, ttl_ms: u64, name: String) -> Outcome {
+        let l = self.limits;
+        let ttl = if ttl_ms == 0 { l.default_ttl_ms } else { ttl_ms };
+        if !(l.min_ttl_ms..=l.max_ttl_ms).contains(&ttl) {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!("ttl_ms {ttl} is out of range {}..={}", l.min_ttl_ms, l.max_ttl_ms),
+            );
+        }
+        if name.len() > l.max_client_name_bytes {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!("client_name is {} bytes; the limit is {}", name.len(), l.max_client_name_bytes),
+            );
+        }
+        if self.sessions.len() >= l.max_sessions {
+            return err(
+                ErrorCode::ResourceExhausted,
+                format!("the limit of {} open sessions is reached", l.max_sessions),
+            );
+        }
+        self.sessions.insert(
+            index,
+            Session {
+                id: index,
+                name,
+                ttl_ms: ttl,
+                last_seen_ms: self.now_ms,
+                locks: BTreeSet::new(),
+                waits: BTreeSet::new(),
+                requests: BTreeMap::new(),
+            },
+        );
+        Outcome {
+            result: Some(Res::Session(SessionOpened {
+                session_id: index,
+                ttl_ms: ttl,
+            })),
+        }
+    }
+
+    /// Checks a resource name against the limits.
+    pub fn check_resource(limits: &Limits, resource: &str) -> Result<(), String> {
+        if resource.is_empty() {
+            return Err("resource name must not be empty".into());
+        }
+        if resource.len() > limits.max_resource_bytes {
+            return Err(format!(
+                "resource name is {} bytes; the limit is {}",
+                resource.len(),
+                limits.max_resource_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    fn acquire(
+        &mut self,
+        index: u64,
+        c: proto::lock::v1::internal::Acquire,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(mode) = Mode::from_proto(c.mode) else {
+            return err(ErrorCode::InvalidArgument, "mode must be SHARED, EXCLUSIVE or UPGRADEABLE");
+        };
+        if let Err(m) = Self::check_resource(&self.limits, &c.resource) {
+            return err(ErrorCode::InvalidArgument, m);
+        }
+        if c.wait_timeout_ms > self.limits.max_wait_ms {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!("wait_timeout_ms {} exceeds the maximum {}", c.wait_timeout_ms, self.limits.max_wait_ms),
+            );
+        }
+        let previous = match self.session_mut(c.session_id) {
+            Ok(s) => s.requests.get(&c.request_id).copied(),
+            Err(e) => return e,
+        };
+        // A retry of a request already granted or waiting answers the same.
+        if c.request_id != 0 {
+            if let Some(id) = previous {
+                if let Some(h) = self.holder(id) {
+                    return granted(h.lock_id, h.token, h.mode);
+                }
+                if self.waiters.contains_key(&id) {
+                    return Outcome {
+                        result: Some(Res::Queued(Queued { waiter_id: id })),
+                    };
+                }
+            }
+        }
+        let sid = c.session_id;
+        let now = self.now_ms;
+        if self.locks.len() >= self.limits.max_locks {
+            return err(
+                ErrorCode::ResourceExhausted,
+                format!("the limit of {} held locks is reached", self.limits.max_locks),
+            );
+        }
+        let max_waiters = self.limits.max_waiters_per_resource;
+        let res = self.resources.entry(c.resource.clone()).or_default();
+        if let Some(h) = res.holders.values().find(|h| h.session == sid) {
+            return err(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "session {sid} already holds '{}' (lock {}, {}); upgrade or downgrade it instead",
+                    c.resource,
+                    h.lock_id,
+                    h.mode.name()
+                ),
+            );
+        }
+        if let Some(w) = res.queue.iter().find(|w| w.session == sid) {
+            return err(
+                ErrorCode::FailedPrecondition,
+                format!("session {sid} is already waiting for '{}' (wait {})", c.resource, w.id),
+            );
+        }
+        if res.queue.is_empty() && res.compatible_with_holders(mode) {
+            let token = self.next_token;
+            self.next_token += 1;
+            res.holders.insert(
+                index,
+                Holder {
+                    lock_id: index,
+                    session: sid,
+                    mode,
+                    token,
+                    since_ms: now,
+                },
+            );
+            self.locks.insert(index, c.resource.clone());
+            self.stats.grants += 1;
+            let s = self.sessions.get_mut(&sid).expect("checked above");
+            s.locks.insert(index);
+            if c.request_id != 0 {
+                s.requests.insert(c.request_id, index);
+            }
+            return granted(index, token, mode);
+        }
+        if c.wait_timeout_ms == 0 {
+            let holders = describe_holders(res);
+            self.stats.timeouts += 1;
+            self.gc_resource(&c.resource);
+            return err(
+                ErrorCode::Timeout,
+                format!("'{}' is busy ({holders}); try-lock did not wait", c.resource),
+            );
+        }
+        if res.queue.len() >= max_waiters {
+            return err(
+                ErrorCode::ResourceExhausted,
+                format!("'{}' already has {max_waiters} waiters", c.resource),
+            );
+        }
+        res.queue.push_back(Waiter {
+            id: index,
+            session: sid,
+            mode,
+            since_ms: now,
+            deadline_ms: now.saturating_add(c.wait_timeout_ms),
+            upgrade_of: None,
+            request_id: c.request_id,
+        });
+        self.waiters.insert(index, c.resource.clone());
+        let s = self.sessions.get_mut(&sid).expect("checked above");
+        s.waits.insert(index);
+        if c.request_id != 0 {
+            s.requests.insert(c.request_id, index);
+        }
+        self.queued_outcome(index, sid, events)
+    }
+
+    /// After queueing wait `id` of session `sid`: abort a deadlock it closed.
+    fn queued_outcome(&mut self, id: u64, sid: u64, events: &mut Vec<Event>) -> Outcome {
+        if let Some(cycle) = self.find_cycle(sid) {
+            let (victim, message) = self.describe_cycle(&cycle);
+            self.stats.deadlocks += 1;
+            if victim == id {
+                if let Some(resource) = self.remove_waiter(id) {
+                    self.grant_waiters(&resource, events);
+                }
+                return err(ErrorCode::Deadlock, message);
+            }
+            self.abort_waiter(victim, err(ErrorCode::Deadlock, message), events);
+        }
+        Outcome {
+            result: Some(Res::Queued(Queued { waiter_id: id })),
+        }
+    }
+
+    fn holder(&self, lock_id: u64) -> Option<&Holder> {
+        let r = self.locks.get(&lock_id)?;
+        self.resources.get(r)?.holders.get(&lock_id)
+    }
+
+    fn release(&mut self, sid: u64, lock_id: u64, resource: &str, events: &mut Vec<Event>) -> Outcome {
+        if let Err(e) = self.session_mut(sid) {
+            return e;
+        }
+        let lock_id = if lock_id != 0 {
+            lock_id
+        } else if resource.is_empty() {
+            return err(ErrorCode::InvalidArgument, "give a lock_id or a resource to release");
+        } else {
+            match self
+                .resources
+                .get(resource)
+                .and_then(|r| r.holders.values().find(|h| h.session == sid))
+            {
+                Some(h) => h.lock_id,
+                None => {
+                    return err(
+                        ErrorCode::FailedPrecondition,
+                        format!("session {sid} does not hold '{resource}'"),
+                    )
+                }
+            }
+        };
+        match self.holder(lock_id) {
+            None => err(ErrorCode::NotFound, format!("lock {lock_id} is not held (never granted, or already released)")),
+            Some(h) if h.session != sid => err(
+                ErrorCode::FailedPrecondition,
+                format!("lock {lock_id} is held by session {}, not by session {sid}", h.session),
+            ),
+            Some(_) => {
+                self.drop_lock(lock_id, events);
+                counts(1, 0)
+            }
+        }
+    }
+
+    /// Removes a held lock (and an upgrade waiting on it), then grants.
+    fn drop_lock(&mut self, lock_id: u64, events: &mut Vec<Event>) {
+        let Some(resource) = self.locks.remove(&lock_id) else {
+            return;
+        };
+        let res = self.resources.get_mut(&resource).expect("lock's resource exists");
+        let holder = res.holders.remove(&lock_id).expect("lock is held");
+        let upgrade = res.queue.iter().find(|w| w.upgrade_of == Some(lock_id)).map(|w| w.id);
+        if let Some(s) = self.sessions.get_mut(&holder.session) {
+            s.locks.remove(&lock_id);
+            s.requests.retain(|_, id| *id != lock_id);
+        }
+        if let Some(w) = upgrade {
+            self.abort_waiter(
+                w,
+                err(ErrorCode::FailedPrecondition, format!("lock {lock_id} was released while its upgrade waited")),
+                events,
+            );
+        }
+        self.grant_waiters(&resource, events);
+    }
+
+    fn release_all(&mut self, sid: u64, why: &str, events: &mut Vec<Event>) -> (usize, usize) {
+        let Some(s) = self.sessions.get(&sid) else {
+            return (0, 0);
+        };
+        let locks: Vec<u64> = s.locks.iter().copied().collect();
+        let waits: Vec<u64> = s.waits.iter().copied().collect();
+        for w in &waits {
+            self.abort_waiter(
+                *w,
+                err(ErrorCode::FailedPrecondition, format!("wait cancelled: {why}")),
+                events,
+            );
+        }
+        for l in &locks {
+            self.drop_lock(*l, events);
+        }
+        (locks.len(), waits.len())
+    }
+
+    fn end_session(&mut self, sid: u64, why: &str, events: &mut Vec<Event>) -> (usize, usize) {
+        let counts = self.release_all(sid, &format!("session {sid} {why}"), events);
+        self.sessions.remove(&sid);
+        counts
+    }
+
+    fn upgrade(
+        &mut self,
+        index: u64,
+        c: proto::lock::v1::internal::Upgrade,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if let Err(e) = self.session_mut(c.session_id) {
+            return e;
+        }
+        if c.wait_timeout_ms > self.limits.max_wait_ms {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!("wait_timeout_ms {} exceeds the maximum {}", c.wait_timeout_ms, self.limits.max_wait_ms),
+            );
+        }
+        let sid = c.session_id;
+        let h = match self.holder(c.lock_id) {
+            None => return err(ErrorCode::NotFound, format!("lock {} is not held", c.lock_id)),
+            Some(h) if h.session != sid => {
+                return err(
+                    ErrorCode::FailedPrecondition,
+                    format!("lock {} is held by session {}, not by session {sid}", c.lock_id, h.session),
+                )
+            }
+            Some(h) => h.clone(),
+        };
+        match h.mode {
+            Mode::Exclusive => return granted(h.lock_id, h.token, h.mode),
+            Mode::Shared => {
+                return err(
+                    ErrorCode::FailedPrecondition,
+                    format!("lock {} is shared; only an upgradeable lock can be upgraded", c.lock_id),
+                )
+            }
+            Mode::Upgradeable => {}
+        }
+        let resource = self.locks[&c.lock_id].clone();
+        let now = self.now_ms;
+        let res = self.resources.get_mut(&resource).expect("held resource");
+        if let Some(w) = res.queue.iter().find(|w| w.upgrade_of == Some(c.lock_id)) {
+            return Outcome {
+                result: Some(Res::Queued(Queued { waiter_id: w.id })),
+            };
+        }
+        if res.holders.len() == 1 {
+            let token = self.next_token;
+            self.next_token += 1;
+            let holder = res.holders.get_mut(&c.lock_id).expect("held");
+            holder.mode = Mode::Exclusive;
+            holder.token = token;
+            self.stats.grants += 1;
+            return granted(c.lock_id, token, Mode::Exclusive);
+        }
+        if c.wait_timeout_ms == 0 {
+            self.stats.timeouts += 1;
+            return err(
+                ErrorCode::Timeout,
+                format!("'{resource}' still has other holders ({}); upgrade did not wait", describe_holders(res)),
+            );
+        }
+        // The upgrade goes first: it already excludes other U and X
+        // requests, and waits only for the current shared holders to leave.
+        res.queue.push_front(Waiter {
+            id: index,
+            session: sid,
+            mode: Mode::Exclusive,
+            since_ms: now,
+            deadline_ms: now.saturating_add(c.wait_timeout_ms),
+            upgrade_of: Some(c.lock_id),
+            request_id: 0,
+        });
+        self.waiters.insert(index, resource);
+        self.sessions.get_mut(&sid).expect("checked").waits.insert(index);
+        self.queued_outcome(index, sid, events)
+    }
+
+    fn downgrade(&mut self, sid: u64, lock_id: u64, events: &mut Vec<Event>) -> Outcome {
+        if let Err(e) = self.session_mut(sid) {
+            return e;
+        }
+        let h = match self.holder(lock_id) {
+            None => return err(ErrorCode::NotFound, format!("lock {lock_id} is not held")),
+            Some(h) if h.session != sid => {
+                return err(
+                    ErrorCode::FailedPrecondition,
+                    format!("lock {lock_id} is held by session {}, not by session {sid}", h.session),
+                )
+            }
+            Some(h) => h.clone(),
+        };
+        if h.mode == Mode::Shared {
+            return granted(lock_id, h.token, Mode::Shared);
+        }
+        let resource = self.locks[&lock_id].clone();
+        let res = self.resources.get_mut(&resource).expect("held resource");
+        // A pending upgrade of this lock is moot once it is shared.
+        let upgrade = res.queue.iter().find(|w| w.upgrade_of == Some(lock_id)).map(|w| w.id);
+        res.holders.get_mut(&lock_id).expect("held").mode = Mode::Shared;
+        if let Some(w) = upgrade {
+            self.abort_waiter(
+                w,
+                err(ErrorCode::FailedPrecondition, format!("lock {lock_id} was downgraded while its upgrade waited")),
+                events,
+            );
+        }
+        self.grant_waiters(&resource, events);
+        granted(lock_id, h.token, Mode::Shared)
+    }
+
+    /// Times out a wait; returns 1 if it was still waiting.
+    fn cancel_wait(&mut self, waiter_id: u64, events: &mut Vec<Event>) -> usize {
+        let Some(resource) = self.waiters.get(&waiter_id) else {
+            return 0;
+        };
+        let w = self.resources[resource]
+            .queue
+            .iter()
+            .find(|w| w.id == waiter_id)
+            .expect("indexed waiter is queued")
+            .clone();
+        let waited = self.now_ms.saturating_sub(w.since_ms);
+        let holders = describe_holders(&self.resources[resource]);
+        let resource = resource.clone();
+        self.stats.timeouts += 1;
+        self.abort_waiter(
+            waiter_id,
+            err(
+                ErrorCode::Timeout,
+                format!("timed out after {waited} ms waiting for '{resource}' ({holders})"),
+            ),
+            events,
+        );
+        1
+    }
+
+    fn tick(&mut self, refresh: bool, events: &mut Vec<Event>) {
+        let now = self.now_ms;
+        if refresh {
+            for s in self.sessions.values_mut() {
+                s.last_seen_ms = s.last_seen_ms.max(now);
+            }
+        }
+        let expired: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| s.expires_at() <= now)
+            .map(|s| s.id)
+            .collect();
+        for sid in expired {
+            self.end_session(sid, "expired", events);
+            self.expired.insert(sid, now);
+            self.stats.expired_sessions += 1;
+        }
+        while self.expired.len() > self.limits.remembered_expired {
+            self.expired.pop_first();
+        }
+        let grace = self.limits.wait_grace_ms;
+        let overdue: Vec<u64> = self
+            .resources
+            .values()
+            .flat_map(|r| r.queue.iter())
+            .filter(|w| w.deadline_ms.saturating_add(grace) <= now)
+            .map(|w| w.id)
+            .collect();
+        for w in overdue {
+            self.cancel_wait(w, events);
+        }
+        self.scan_deadlocks(events);
+    }
+
+    /// Finds and breaks every wait-for cycle (the periodic scan).
+    pub fn scan_deadlocks(&mut self, events: &mut Vec<Event>) -> usize {
+        let mut broken = 0;
+        loop {
+            let waiting: BTreeSet<u64> = self
+                .sessions
+                .values()
+                .filter(|s| !s.waits.is_empty())
+                .map(|s| s.id)
+                .collect();
+            let Some(cycle) = waiting.iter().find_map(|&s| self.find_cycle(s)) else {
+                return broken;
+            };
+            let (victim, message) = self.describe_cycle(&cycle);
+            self.stats.deadlocks += 1;
+            self.abort_waiter(victim, err(ErrorCode::Deadlock, message), events);
+            broken += 1;
+        }
+    }
+
+    /// Wait-for edges of session `sid`: (blocking session, waiter id, resource).
+    fn edges(&self, sid: u64) -> Vec<(u64, u64, String)> {
+        let mut out = Vec::new();
+        let Some(s) = self.sessions.get(&sid) else {
+            return out;
+        };
+        for w in &s.waits {
+            let Some(resource) = self.waiters.get(w) else {
+                continue;
+            };
+            let res = &self.resources[resource];
+            let Some(pos) = res.queue.iter().position(|q| q.id == *w) else {
+                continue;
+            };
+            let me = &res.queue[pos];
+            for h in res.holders.values() {
+                let blocks = if me.upgrade_of.is_some() {
+                    Some(h.lock_id) != me.upgrade_of
+                } else {
+                    !me.mode.compatible(h.mode)
+                };
+                if blocks && h.session != sid {
+                    out.push((h.session, *w, resource.clone()));
+                }
+            }
+            for ahead in res.queue.iter().take(pos) {
+                if ahead.session != sid && !me.mode.compatible(ahead.mode) {
+                    out.push((ahead.session, *w, resource.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// A cycle through `start` in the wait-for graph, as (session, the wait
+    /// by which it waits for the next, resource) steps.
+    fn find_cycle(&self, start: u64) -> Option<Vec<(u64, u64, String)>> {
+        let mut path: Vec<(u64, u64, String)> = Vec::new();
+        let mut visited = BTreeSet::new();
+        self.dfs(start, start, &mut path, &mut visited).then_some(path)
+    }
+
+    fn dfs(
+        &self,
+        node: u64,
+        start: u64,
+        path: &mut Vec<(u64, u64, String)>,
+        visited: &mut BTreeSet<u64>,
+    ) -> bool {
+        if !visited.insert(node) {
+            return false;
+        }
+        for (next, wait, resource) in self.edges(node) {
+            path.push((node, wait, resource));
+            if next == start || self.dfs(next, start, path, visited) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+
+    /// The victim (youngest wait in the cycle) and a message naming it.
+    fn describe_cycle(&self, cycle: &[(u64, u64, String)]) -> (u64, String) {
+        let victim = cycle.iter().max_by_key(|(_, w, _)| *w).expect("non-empty");
+        let steps: Vec<String> = cycle
+            .iter()
+            .enumerate()
+            .map(|(i, (s, _, r))| {
+                let next = cycle[(i + 1) % cycle.len()].0;
+                format!("session {s} waits for '{r}' held or awaited by session {next}")
+            })
+            .collect();
+        let message = format!(
+            "deadlock: {}; aborted the youngest wait (wait {} of session {} for '{}')",
+            steps.join(", "),
+            victim.1,
+            victim.0,
+            victim.2
+        );
+        (victim.1, message)
+    }
+
+    /// Removes a wait, notifies its waiter with `outcome`, regrants.
+    fn abort_waiter(&mut self, waiter_id: u64, outcome: Outcome, events: &mut Vec<Event>) {
+        if let Some(resource) = self.remove_waiter(waiter_id) {
+            events.push(Event { waiter_id, outcome });
+            self.grant_waiters(&resource, events);
+        }
+    }
+
+    fn remove_waiter(&mut self, waiter_id: u64) -> Option<String> {
+        let resource = self.waiters.remove(&waiter_id)?;
+        let res = self.resources.get_mut(&resource).expect("waiter's resource");
+        let pos = res.queue.iter().position(|w| w.id == waiter_id).expect("queued");
+        let w = res.queue.remove(pos).expect("present");
+        if let Some(s) = self.sessions.get_mut(&w.session) {
+            s.waits.remove(&waiter_id);
+            s.requests.retain(|_, id| *id != waiter_id);
+        }
+        Some(resource)
+    }
+
+    /// Grants waiters from the head of the queue while they are compatible.
+    fn grant_waiters(&mut self, resource: &str, events: &mut Vec<Event>) {
+        let Some(res) = self.resources.get_mut(resource) else {
+            return;
+        };
+        while let Some(head) = res.queue.front() {
+            if let Some(lock_id) = head.upgrade_of {
+                if res.holders.len() != 1 || !res.holders.contains_key(&lock_id) {
+                    break;
+                }
+                let w = res.queue.pop_front().expect("head");
+                let token = self.next_token;
+                self.next_token += 1;
+                let h = res.holders.get_mut(&lock_id).expect("upgrading lock is held");
+                h.mode = Mode::Exclusive;
+                h.token = token;
+                self.waiters.remove(&w.id);
+                if let Some(s) = self.sessions.get_mut(&w.session) {
+                    s.waits.remove(&w.id);
+                }
+                self.stats.grants += 1;
+                events.push(Event {
+                    waiter_id: w.id,
+                    outcome: granted(lock_id, token, Mode::Exclusive),
+                });
+                continue;
+            }
+            if !res.compatible_with_holders(head.mode) {
+                break;
+            }
+            let w = res.queue.pop_front().expect("head");
+            let token = self.next_token;
+            self.next_token += 1;
+            // A granted wait becomes a lock with the same id.
+            res.holders.insert(
+                w.id,
+                Holder {
+                    lock_id: w.id,
+                    session: w.session,
+                    mode: w.mode,
+                    token,
+                    since_ms: self.now_ms,
+                },
+            );
+            self.waiters.remove(&w.id);
+            self.locks.insert(w.id, resource.to_owned());
+            if let Some(s) = self.sessions.get_mut(&w.session) {
+                s.waits.remove(&w.id);
+                s.locks.insert(w.id);
+            }
+            self.stats.grants += 1;
+            events.push(Event {
+                waiter_id: w.id,
+                outcome: granted(w.id, token, w.mode),
+            });
+        }
+        self.gc_resource(resource);
+    }
+
+    fn gc_resource(&mut self, resource: &str) {
+        if self
+            .resources
+            .get(resource)
+            .is_some_and(|r| r.holders.is_empty() && r.queue.is_empty())
+        {
+            self.resources.remove(resource);
+        }
+    }
+
+    /// Every held lock with its resource, ordered by lock id, after `after`.
+    pub fn list_locks(&self, after: u64, session: u64, limit: usize) -> Vec<(String, Holder)> {
+        self.locks
+            .range(after + 1..)
+            .filter_map(|(id, r)| {
+                let h = self.resources.get(r)?.holders.get(id)?;
+                (session == 0 || h.session == session).then(|| (r.clone(), h.clone()))
+            })
+            .take(limit)
+            .collect()
+    }
+
+    pub fn waiter_count(&self) -> usize {
+        self.waiters.len()
+    }
+}
+
+fn describe_holders(res: &Resource) -> String {
+    if res.holders.is_empty() {
+        return format!("{} waiting ahead", res.queue.len());
+    }
+    let hs: Vec<String> = res
+        .holders
+        .values()
+        .map(|h| format!("{} by session {}", h.mode.name(), h.session))
+        .collect();
+    format!("held {}", hs.join(", "))
+}
