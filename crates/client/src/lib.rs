@@ -59,7 +59,10 @@ struct State {
 
 impl Conn {
     /// Connects lazily to `endpoints` (host:port, any replica of the set).
-    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>, opts: Options) -> Result<Self, Status> {
+    pub fn new(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        opts: Options,
+    ) -> Result<Self, Status> {
         let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
         if endpoints.is_empty() {
             return Err(Status::invalid_argument("no endpoints given"));
@@ -94,7 +97,11 @@ impl Conn {
         if let Some(c) = s.channels.get(addr) {
             return Ok(c.clone());
         }
-        let uri = if addr.starts_with("http") { addr.to_owned() } else { format!("http://{addr}") };
+        let uri = if addr.starts_with("http") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
         let ch = Endpoint::from_shared(uri)
             .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
             .connect_timeout(self.inner.opts.connect_timeout)
@@ -115,7 +122,11 @@ impl Conn {
             }
             None => {
                 s.leader = None;
-                if s.endpoints.get(s.next % s.endpoints.len()).map(String::as_str) == Some(addr) {
+                if s.endpoints
+                    .get(s.next % s.endpoints.len())
+                    .map(String::as_str)
+                    == Some(addr)
+                {
                     s.next += 1;
                 }
             }

@@ -61,12 +61,20 @@ impl LockClient {
     /// closed or dropped.
     pub async fn open_session(&self, ttl: Duration, name: &str) -> Result<Session, Status> {
         let r = self.open_session_unmanaged(ttl, name).await?;
-        Ok(Session::start(self.clone(), r.session_id, Duration::from_millis(r.ttl_ms)))
+        Ok(Session::start(
+            self.clone(),
+            r.session_id,
+            Duration::from_millis(r.ttl_ms),
+        ))
     }
 
     /// Opens a session that nothing keeps alive: the caller sends
     /// keep-alives (or lets it expire).
-    pub async fn open_session_unmanaged(&self, ttl: Duration, name: &str) -> Result<OpenSessionResponse, Status> {
+    pub async fn open_session_unmanaged(
+        &self,
+        ttl: Duration,
+        name: &str,
+    ) -> Result<OpenSessionResponse, Status> {
         let t = self.timeout();
         Ok(self
             .conn
@@ -148,7 +156,12 @@ impl LockClient {
             .into_inner())
     }
 
-    pub async fn release(&self, session_id: u64, lock_id: u64, resource: &str) -> Result<(), Status> {
+    pub async fn release(
+        &self,
+        session_id: u64,
+        lock_id: u64,
+        resource: &str,
+    ) -> Result<(), Status> {
         let t = self.timeout();
         self.conn
             .call(|ch| {
@@ -211,7 +224,12 @@ impl LockClient {
             .into_inner())
     }
 
-    pub async fn upgrade(&self, session_id: u64, lock_id: u64, wait: Option<Duration>) -> Result<u64, Status> {
+    pub async fn upgrade(
+        &self,
+        session_id: u64,
+        lock_id: u64,
+        wait: Option<Duration>,
+    ) -> Result<u64, Status> {
         let wait_ms = wait.map(|w| w.as_millis() as u64);
         let t = Duration::from_millis(wait_ms.unwrap_or(30_000)) + self.timeout();
         Ok(self
@@ -235,7 +253,13 @@ impl LockClient {
             .conn
             .call(|ch| async move {
                 LockServiceClient::new(ch)
-                    .downgrade(req(DowngradeRequest { session_id, lock_id }, t))
+                    .downgrade(req(
+                        DowngradeRequest {
+                            session_id,
+                            lock_id,
+                        },
+                        t,
+                    ))
                     .await
             })
             .await?
@@ -270,7 +294,9 @@ impl Session {
                         l.store(true, Ordering::SeqCst);
                         return;
                     }
-                    Err(e) => tracing::debug!(session = id, error = %e, "keep-alive failed; retrying"),
+                    Err(e) => {
+                        tracing::debug!(session = id, error = %e, "keep-alive failed; retrying")
+                    }
                 }
             }
         });
@@ -302,7 +328,12 @@ impl Session {
     }
 
     /// Acquires `resource`; see [`LockClient::acquire`].
-    pub async fn acquire(&self, resource: &str, mode: LockMode, wait: Option<Duration>) -> Result<LockGuard, Status> {
+    pub async fn acquire(
+        &self,
+        resource: &str,
+        mode: LockMode,
+        wait: Option<Duration>,
+    ) -> Result<LockGuard, Status> {
         let r = self.client.acquire(self.id, resource, mode, wait).await?;
         Ok(LockGuard {
             client: self.client.clone(),
@@ -369,7 +400,10 @@ impl LockGuard {
 
     /// Upgrades an upgradeable lock to exclusive; the token changes.
     pub async fn upgrade(&mut self, wait: Option<Duration>) -> Result<u64, Status> {
-        self.token = self.client.upgrade(self.session_id, self.lock_id, wait).await?;
+        self.token = self
+            .client
+            .upgrade(self.session_id, self.lock_id, wait)
+            .await?;
         self.mode = LockMode::Exclusive;
         Ok(self.token)
     }

@@ -112,7 +112,10 @@ impl LockServer {
         let _ = self.close.send(true);
         self.ticker.abort();
         let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
             server.abort();
         }
         let node = self.node;

@@ -13,7 +13,9 @@ use consensus::grpc_status::to_status;
 use consensus::GroupHandle;
 use parking_lot::RwLock;
 use prost::Message;
-use proto::lock::v1::internal::{self as cmd, command::Cmd, outcome::Result as Res, ErrorCode, Outcome};
+use proto::lock::v1::internal::{
+    self as cmd, command::Cmd, outcome::Result as Res, ErrorCode, Outcome,
+};
 use proto::lock::v1::lock_service_server::LockService;
 use proto::lock::v1::*;
 use tonic::{Request, Response, Status};
@@ -75,7 +77,9 @@ impl Drop for WaitGuard {
         let id = self.id;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = locks.propose(Cmd::CancelWait(cmd::CancelWait { waiter_id: id })).await;
+                let _ = locks
+                    .propose(Cmd::CancelWait(cmd::CancelWait { waiter_id: id }))
+                    .await;
             });
         }
     }
@@ -121,8 +125,13 @@ impl Locks {
                 // Best effort: if this replica lost leadership the cancel
                 // fails, and the leader's Tick expires the wait after its
                 // grace period instead.
-                let _ = self.propose(Cmd::CancelWait(cmd::CancelWait { waiter_id: id })).await;
-                tokio::time::timeout(Duration::from_secs(5), rx).await.ok().and_then(|r| r.ok())
+                let _ = self
+                    .propose(Cmd::CancelWait(cmd::CancelWait { waiter_id: id }))
+                    .await;
+                tokio::time::timeout(Duration::from_secs(5), rx)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
             }
         };
         guard.decided = true;
@@ -153,7 +162,10 @@ impl Locks {
     }
 
     async fn read_barrier(&self) -> Result<u64, Status> {
-        self.group.read_index().await.map_err(|e| to_status(&e, GROUP))
+        self.group
+            .read_index()
+            .await
+            .map_err(|e| to_status(&e, GROUP))
     }
 }
 
@@ -183,7 +195,11 @@ impl LockService for Locks {
         req: Request<OpenSessionRequest>,
     ) -> Result<Response<OpenSessionResponse>, Status> {
         let r = req.into_inner();
-        let ttl = if r.ttl_ms == 0 { self.limits.default_ttl_ms } else { r.ttl_ms };
+        let ttl = if r.ttl_ms == 0 {
+            self.limits.default_ttl_ms
+        } else {
+            r.ttl_ms
+        };
         if !(self.limits.min_ttl_ms..=self.limits.max_ttl_ms).contains(&ttl) {
             return Err(Status::invalid_argument(format!(
                 "ttl_ms {ttl} is out of range {}..={}",
@@ -211,7 +227,10 @@ impl LockService for Locks {
     ) -> Result<Response<KeepAliveResponse>, Status> {
         let id = req.into_inner().session_id;
         check_session(id)?;
-        match self.propose(Cmd::KeepAlive(cmd::KeepAlive { session_id: id })).await? {
+        match self
+            .propose(Cmd::KeepAlive(cmd::KeepAlive { session_id: id }))
+            .await?
+        {
             Res::Session(s) => Ok(Response::new(KeepAliveResponse { ttl_ms: s.ttl_ms })),
             _ => Err(unexpected("KeepAlive")),
         }
@@ -223,7 +242,10 @@ impl LockService for Locks {
     ) -> Result<Response<CloseSessionResponse>, Status> {
         let id = req.into_inner().session_id;
         check_session(id)?;
-        match self.propose(Cmd::CloseSession(cmd::CloseSession { session_id: id })).await? {
+        match self
+            .propose(Cmd::CloseSession(cmd::CloseSession { session_id: id }))
+            .await?
+        {
             Res::Counts(c) => Ok(Response::new(CloseSessionResponse {
                 released: c.released,
                 cancelled: c.cancelled,
@@ -292,7 +314,10 @@ impl LockService for Locks {
     ) -> Result<Response<ReleaseAllResponse>, Status> {
         let id = req.into_inner().session_id;
         check_session(id)?;
-        match self.propose(Cmd::ReleaseAll(cmd::ReleaseAll { session_id: id })).await? {
+        match self
+            .propose(Cmd::ReleaseAll(cmd::ReleaseAll { session_id: id }))
+            .await?
+        {
             Res::Counts(c) => Ok(Response::new(ReleaseAllResponse {
                 released: c.released,
                 cancelled: c.cancelled,
@@ -401,9 +426,9 @@ impl LockService for Locks {
         let after = if r.page_token.is_empty() {
             0
         } else {
-            r.page_token
-                .parse::<u64>()
-                .map_err(|_| Status::invalid_argument("page_token is not one this service issued"))?
+            r.page_token.parse::<u64>().map_err(|_| {
+                Status::invalid_argument("page_token is not one this service issued")
+            })?
         };
         self.read_barrier().await?;
         let st = self.state.read();
@@ -418,7 +443,10 @@ impl LockService for Locks {
             })
             .collect();
         let next_page_token = if more {
-            locks.last().map(|h| h.lock_id.to_string()).unwrap_or_default()
+            locks
+                .last()
+                .map(|h| h.lock_id.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };

@@ -171,11 +171,14 @@ pub struct Resource {
 impl Resource {
     /// The strongest mode held, if any.
     pub fn mode(&self) -> Option<Mode> {
-        self.holders.values().map(|h| h.mode).max_by_key(|m| match m {
-            Mode::Shared => 0,
-            Mode::Upgradeable => 1,
-            Mode::Exclusive => 2,
-        })
+        self.holders
+            .values()
+            .map(|h| h.mode)
+            .max_by_key(|m| match m {
+                Mode::Shared => 0,
+                Mode::Upgradeable => 1,
+                Mode::Exclusive => 2,
+            })
     }
 
     fn compatible_with_holders(&self, mode: Mode) -> bool {
@@ -282,10 +285,16 @@ impl LockState {
                 Err(e) => e,
             },
             Some(Cmd::Acquire(c)) => self.acquire(index, c, &mut events),
-            Some(Cmd::Release(c)) => self.release(c.session_id, c.lock_id, &c.resource, &mut events),
+            Some(Cmd::Release(c)) => {
+                self.release(c.session_id, c.lock_id, &c.resource, &mut events)
+            }
             Some(Cmd::ReleaseAll(c)) => match self.session_mut(c.session_id) {
                 Ok(_) => {
-                    let (r, w) = self.release_all(c.session_id, "its session released all locks", &mut events);
+                    let (r, w) = self.release_all(
+                        c.session_id,
+                        "its session released all locks",
+                        &mut events,
+                    );
                     counts(r, w)
                 }
                 Err(e) => e,
@@ -319,17 +328,28 @@ impl LockState {
 
     fn open_session(&mut self, index: u64, ttl_ms: u64, name: String) -> Outcome {
         let l = self.limits;
-        let ttl = if ttl_ms == 0 { l.default_ttl_ms } else { ttl_ms };
+        let ttl = if ttl_ms == 0 {
+            l.default_ttl_ms
+        } else {
+            ttl_ms
+        };
         if !(l.min_ttl_ms..=l.max_ttl_ms).contains(&ttl) {
             return err(
                 ErrorCode::InvalidArgument,
-                format!("ttl_ms {ttl} is out of range {}..={}", l.min_ttl_ms, l.max_ttl_ms),
+                format!(
+                    "ttl_ms {ttl} is out of range {}..={}",
+                    l.min_ttl_ms, l.max_ttl_ms
+                ),
             );
         }
         if name.len() > l.max_client_name_bytes {
             return err(
                 ErrorCode::InvalidArgument,
-                format!("client_name is {} bytes; the limit is {}", name.len(), l.max_client_name_bytes),
+                format!(
+                    "client_name is {} bytes; the limit is {}",
+                    name.len(),
+                    l.max_client_name_bytes
+                ),
             );
         }
         if self.sessions.len() >= l.max_sessions {
@@ -380,7 +400,10 @@ impl LockState {
         events: &mut Vec<Event>,
     ) -> Outcome {
         let Some(mode) = Mode::from_proto(c.mode) else {
-            return err(ErrorCode::InvalidArgument, "mode must be SHARED, EXCLUSIVE or UPGRADEABLE");
+            return err(
+                ErrorCode::InvalidArgument,
+                "mode must be SHARED, EXCLUSIVE or UPGRADEABLE",
+            );
         };
         if let Err(m) = Self::check_resource(&self.limits, &c.resource) {
             return err(ErrorCode::InvalidArgument, m);
@@ -388,7 +411,10 @@ impl LockState {
         if c.wait_timeout_ms > self.limits.max_wait_ms {
             return err(
                 ErrorCode::InvalidArgument,
-                format!("wait_timeout_ms {} exceeds the maximum {}", c.wait_timeout_ms, self.limits.max_wait_ms),
+                format!(
+                    "wait_timeout_ms {} exceeds the maximum {}",
+                    c.wait_timeout_ms, self.limits.max_wait_ms
+                ),
             );
         }
         let previous = match self.session_mut(c.session_id) {
@@ -413,7 +439,10 @@ impl LockState {
         if self.locks.len() >= self.limits.max_locks {
             return err(
                 ErrorCode::ResourceExhausted,
-                format!("the limit of {} held locks is reached", self.limits.max_locks),
+                format!(
+                    "the limit of {} held locks is reached",
+                    self.limits.max_locks
+                ),
             );
         }
         let max_waiters = self.limits.max_waiters_per_resource;
@@ -432,7 +461,10 @@ impl LockState {
         if let Some(w) = res.queue.iter().find(|w| w.session == sid) {
             return err(
                 ErrorCode::FailedPrecondition,
-                format!("session {sid} is already waiting for '{}' (wait {})", c.resource, w.id),
+                format!(
+                    "session {sid} is already waiting for '{}' (wait {})",
+                    c.resource, w.id
+                ),
             );
         }
         if res.queue.is_empty() && res.compatible_with_holders(mode) {
@@ -463,7 +495,10 @@ impl LockState {
             self.gc_resource(&c.resource);
             return err(
                 ErrorCode::Timeout,
-                format!("'{}' is busy ({holders}); try-lock did not wait", c.resource),
+                format!(
+                    "'{}' is busy ({holders}); try-lock did not wait",
+                    c.resource
+                ),
             );
         }
         if res.queue.len() >= max_waiters {
@@ -513,14 +548,23 @@ impl LockState {
         self.resources.get(r)?.holders.get(&lock_id)
     }
 
-    fn release(&mut self, sid: u64, lock_id: u64, resource: &str, events: &mut Vec<Event>) -> Outcome {
+    fn release(
+        &mut self,
+        sid: u64,
+        lock_id: u64,
+        resource: &str,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
         if let Err(e) = self.session_mut(sid) {
             return e;
         }
         let lock_id = if lock_id != 0 {
             lock_id
         } else if resource.is_empty() {
-            return err(ErrorCode::InvalidArgument, "give a lock_id or a resource to release");
+            return err(
+                ErrorCode::InvalidArgument,
+                "give a lock_id or a resource to release",
+            );
         } else {
             match self
                 .resources
@@ -537,10 +581,16 @@ impl LockState {
             }
         };
         match self.holder(lock_id) {
-            None => err(ErrorCode::NotFound, format!("lock {lock_id} is not held (never granted, or already released)")),
+            None => err(
+                ErrorCode::NotFound,
+                format!("lock {lock_id} is not held (never granted, or already released)"),
+            ),
             Some(h) if h.session != sid => err(
                 ErrorCode::FailedPrecondition,
-                format!("lock {lock_id} is held by session {}, not by session {sid}", h.session),
+                format!(
+                    "lock {lock_id} is held by session {}, not by session {sid}",
+                    h.session
+                ),
             ),
             Some(_) => {
                 self.drop_lock(lock_id, events);
@@ -554,9 +604,16 @@ impl LockState {
         let Some(resource) = self.locks.remove(&lock_id) else {
             return;
         };
-        let res = self.resources.get_mut(&resource).expect("lock's resource exists");
+        let res = self
+            .resources
+            .get_mut(&resource)
+            .expect("lock's resource exists");
         let holder = res.holders.remove(&lock_id).expect("lock is held");
-        let upgrade = res.queue.iter().find(|w| w.upgrade_of == Some(lock_id)).map(|w| w.id);
+        let upgrade = res
+            .queue
+            .iter()
+            .find(|w| w.upgrade_of == Some(lock_id))
+            .map(|w| w.id);
         if let Some(s) = self.sessions.get_mut(&holder.session) {
             s.locks.remove(&lock_id);
             s.requests.retain(|_, id| *id != lock_id);
@@ -564,7 +621,10 @@ impl LockState {
         if let Some(w) = upgrade {
             self.abort_waiter(
                 w,
-                err(ErrorCode::FailedPrecondition, format!("lock {lock_id} was released while its upgrade waited")),
+                err(
+                    ErrorCode::FailedPrecondition,
+                    format!("lock {lock_id} was released while its upgrade waited"),
+                ),
                 events,
             );
         }
@@ -580,7 +640,10 @@ impl LockState {
         for w in &waits {
             self.abort_waiter(
                 *w,
-                err(ErrorCode::FailedPrecondition, format!("wait cancelled: {why}")),
+                err(
+                    ErrorCode::FailedPrecondition,
+                    format!("wait cancelled: {why}"),
+                ),
                 events,
             );
         }
@@ -608,16 +671,27 @@ impl LockState {
         if c.wait_timeout_ms > self.limits.max_wait_ms {
             return err(
                 ErrorCode::InvalidArgument,
-                format!("wait_timeout_ms {} exceeds the maximum {}", c.wait_timeout_ms, self.limits.max_wait_ms),
+                format!(
+                    "wait_timeout_ms {} exceeds the maximum {}",
+                    c.wait_timeout_ms, self.limits.max_wait_ms
+                ),
             );
         }
         let sid = c.session_id;
         let h = match self.holder(c.lock_id) {
-            None => return err(ErrorCode::NotFound, format!("lock {} is not held", c.lock_id)),
+            None => {
+                return err(
+                    ErrorCode::NotFound,
+                    format!("lock {} is not held", c.lock_id),
+                )
+            }
             Some(h) if h.session != sid => {
                 return err(
                     ErrorCode::FailedPrecondition,
-                    format!("lock {} is held by session {}, not by session {sid}", c.lock_id, h.session),
+                    format!(
+                        "lock {} is held by session {}, not by session {sid}",
+                        c.lock_id, h.session
+                    ),
                 )
             }
             Some(h) => h.clone(),
@@ -627,7 +701,10 @@ impl LockState {
             Mode::Shared => {
                 return err(
                     ErrorCode::FailedPrecondition,
-                    format!("lock {} is shared; only an upgradeable lock can be upgraded", c.lock_id),
+                    format!(
+                        "lock {} is shared; only an upgradeable lock can be upgraded",
+                        c.lock_id
+                    ),
                 )
             }
             Mode::Upgradeable => {}
@@ -653,7 +730,10 @@ impl LockState {
             self.stats.timeouts += 1;
             return err(
                 ErrorCode::Timeout,
-                format!("'{resource}' still has other holders ({}); upgrade did not wait", describe_holders(res)),
+                format!(
+                    "'{resource}' still has other holders ({}); upgrade did not wait",
+                    describe_holders(res)
+                ),
             );
         }
         // The upgrade goes first: it already excludes other U and X
@@ -668,7 +748,11 @@ impl LockState {
             request_id: 0,
         });
         self.waiters.insert(index, resource);
-        self.sessions.get_mut(&sid).expect("checked").waits.insert(index);
+        self.sessions
+            .get_mut(&sid)
+            .expect("checked")
+            .waits
+            .insert(index);
         self.queued_outcome(index, sid, events)
     }
 
@@ -681,7 +765,10 @@ impl LockState {
             Some(h) if h.session != sid => {
                 return err(
                     ErrorCode::FailedPrecondition,
-                    format!("lock {lock_id} is held by session {}, not by session {sid}", h.session),
+                    format!(
+                        "lock {lock_id} is held by session {}, not by session {sid}",
+                        h.session
+                    ),
                 )
             }
             Some(h) => h.clone(),
@@ -692,12 +779,19 @@ impl LockState {
         let resource = self.locks[&lock_id].clone();
         let res = self.resources.get_mut(&resource).expect("held resource");
         // A pending upgrade of this lock is moot once it is shared.
-        let upgrade = res.queue.iter().find(|w| w.upgrade_of == Some(lock_id)).map(|w| w.id);
+        let upgrade = res
+            .queue
+            .iter()
+            .find(|w| w.upgrade_of == Some(lock_id))
+            .map(|w| w.id);
         res.holders.get_mut(&lock_id).expect("held").mode = Mode::Shared;
         if let Some(w) = upgrade {
             self.abort_waiter(
                 w,
-                err(ErrorCode::FailedPrecondition, format!("lock {lock_id} was downgraded while its upgrade waited")),
+                err(
+                    ErrorCode::FailedPrecondition,
+                    format!("lock {lock_id} was downgraded while its upgrade waited"),
+                ),
                 events,
             );
         }
@@ -825,7 +919,8 @@ impl LockState {
     fn find_cycle(&self, start: u64) -> Option<Vec<(u64, u64, String)>> {
         let mut path: Vec<(u64, u64, String)> = Vec::new();
         let mut visited = BTreeSet::new();
-        self.dfs(start, start, &mut path, &mut visited).then_some(path)
+        self.dfs(start, start, &mut path, &mut visited)
+            .then_some(path)
     }
 
     fn dfs(
@@ -879,8 +974,15 @@ impl LockState {
 
     fn remove_waiter(&mut self, waiter_id: u64) -> Option<String> {
         let resource = self.waiters.remove(&waiter_id)?;
-        let res = self.resources.get_mut(&resource).expect("waiter's resource");
-        let pos = res.queue.iter().position(|w| w.id == waiter_id).expect("queued");
+        let res = self
+            .resources
+            .get_mut(&resource)
+            .expect("waiter's resource");
+        let pos = res
+            .queue
+            .iter()
+            .position(|w| w.id == waiter_id)
+            .expect("queued");
         let w = res.queue.remove(pos).expect("present");
         if let Some(s) = self.sessions.get_mut(&w.session) {
             s.waits.remove(&waiter_id);
@@ -902,7 +1004,10 @@ impl LockState {
                 let w = res.queue.pop_front().expect("head");
                 let token = self.next_token;
                 self.next_token += 1;
-                let h = res.holders.get_mut(&lock_id).expect("upgrading lock is held");
+                let h = res
+                    .holders
+                    .get_mut(&lock_id)
+                    .expect("upgrading lock is held");
                 h.mode = Mode::Exclusive;
                 h.token = token;
                 self.waiters.remove(&w.id);
@@ -986,3 +1091,7 @@ fn describe_holders(res: &Resource) -> String {
         .collect();
     format!("held {}", hs.join(", "))
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -17,7 +17,12 @@ use tonic::Status;
 #[command(name = "dsync", about = "dsync command line")]
 struct Cli {
     /// Replicas to talk to (any of them; the leader is found).
-    #[arg(long, env = "DSYNC_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003")]
+    #[arg(
+        long,
+        env = "DSYNC_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+    )]
     endpoints: Vec<String>,
     #[command(subcommand)]
     cmd: Top,
@@ -101,8 +106,12 @@ enum SessionCmd {
         #[arg(long, default_value = "dsync-cli")]
         name: String,
     },
-    KeepAlive { id: u64 },
-    Close { id: u64 },
+    KeepAlive {
+        id: u64,
+    },
+    Close {
+        id: u64,
+    },
     List,
 }
 
@@ -142,9 +151,19 @@ async fn lock(client: &LockClient, cmd: LockCmd) -> Result<(), Status> {
             ..
         } => {
             let r = client
-                .acquire(sid, &resource, mode.into(), timeout_ms.map(Duration::from_millis))
+                .acquire(
+                    sid,
+                    &resource,
+                    mode.into(),
+                    timeout_ms.map(Duration::from_millis),
+                )
                 .await?;
-            println!("lock_id={} fencing_token={} mode={}", r.lock_id, r.fencing_token, mode_name(r.mode));
+            println!(
+                "lock_id={} fencing_token={} mode={}",
+                r.lock_id,
+                r.fencing_token,
+                mode_name(r.mode)
+            );
         }
         LockCmd::Acquire {
             resource,
@@ -153,9 +172,15 @@ async fn lock(client: &LockClient, cmd: LockCmd) -> Result<(), Status> {
             session: None,
             hold_ms,
         } => {
-            let s = client.open_session(Duration::from_secs(10), "dsync-cli").await?;
+            let s = client
+                .open_session(Duration::from_secs(10), "dsync-cli")
+                .await?;
             let g = s
-                .acquire(&resource, mode.into(), timeout_ms.map(Duration::from_millis))
+                .acquire(
+                    &resource,
+                    mode.into(),
+                    timeout_ms.map(Duration::from_millis),
+                )
                 .await?;
             println!(
                 "session={} lock_id={} fencing_token={} mode={}",
@@ -185,11 +210,21 @@ async fn lock(client: &LockClient, cmd: LockCmd) -> Result<(), Status> {
         }
         LockCmd::Status { resource } => {
             let st = client.status(&resource).await?;
-            println!("{} mode={} (read at index {})", st.resource, mode_name(st.mode), st.read_index);
+            println!(
+                "{} mode={} (read at index {})",
+                st.resource,
+                mode_name(st.mode),
+                st.read_index
+            );
             for h in &st.holders {
                 println!(
                     "  holder lock={} session={} ({}) mode={} token={} since_ms={}",
-                    h.lock_id, h.session_id, h.client_name, mode_name(h.mode), h.fencing_token, h.since_ms
+                    h.lock_id,
+                    h.session_id,
+                    h.client_name,
+                    mode_name(h.mode),
+                    h.fencing_token,
+                    h.since_ms
                 );
             }
             for w in &st.waiters {
@@ -200,7 +235,11 @@ async fn lock(client: &LockClient, cmd: LockCmd) -> Result<(), Status> {
                     mode_name(w.mode),
                     w.since_ms,
                     w.deadline_ms,
-                    if w.upgrade_of != 0 { format!(" upgrade_of={}", w.upgrade_of) } else { String::new() }
+                    if w.upgrade_of != 0 {
+                        format!(" upgrade_of={}", w.upgrade_of)
+                    } else {
+                        String::new()
+                    }
                 );
             }
         }
@@ -211,7 +250,11 @@ async fn lock(client: &LockClient, cmd: LockCmd) -> Result<(), Status> {
                 for h in &page.locks {
                     println!(
                         "{}\tlock={}\tsession={}\tmode={}\ttoken={}",
-                        h.resource, h.lock_id, h.session_id, mode_name(h.mode), h.fencing_token
+                        h.resource,
+                        h.lock_id,
+                        h.session_id,
+                        mode_name(h.mode),
+                        h.fencing_token
                     );
                 }
                 if page.next_page_token.is_empty() {
@@ -238,7 +281,10 @@ async fn session(client: &LockClient, cmd: SessionCmd) -> Result<(), Status> {
         }
         SessionCmd::Close { id } => {
             let r = client.close_session(id).await?;
-            println!("closed; released {} locks, cancelled {} waits", r.released, r.cancelled);
+            println!(
+                "closed; released {} locks, cancelled {} waits",
+                r.released, r.cancelled
+            );
         }
         SessionCmd::List => {
             for s in client.list_sessions().await?.sessions {
