@@ -28,22 +28,34 @@ pub struct Waits {
 
 #[derive(Default)]
 struct WaitsInner {
+    /// Set when the replica stops: handlers must not wait for outcomes
+    /// this replica will never apply.
+    closed: bool,
     listeners: HashMap<u64, tokio::sync::oneshot::Sender<Outcome>>,
     unclaimed: HashMap<u64, Outcome>,
     order: VecDeque<u64>,
 }
 
 impl Waits {
-    /// Resolves with the outcome of wait `id` (possibly decided already).
+    /// Resolves with the outcome of wait `id` (possibly decided already),
+    /// or fails if the replica stops first.
     pub fn wait(&self, id: u64) -> tokio::sync::oneshot::Receiver<Outcome> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut w = self.inner.lock();
         if let Some(o) = w.unclaimed.remove(&id) {
             let _ = tx.send(o);
-        } else {
+        } else if !w.closed {
             w.listeners.insert(id, tx);
         }
         rx
+    }
+
+    /// Fails every pending and future wait (the replica is stopping), so
+    /// their clients retry on another replica and re-attach there.
+    pub fn close(&self) {
+        let mut w = self.inner.lock();
+        w.closed = true;
+        w.listeners.clear();
     }
 
     /// Stops listening for wait `id` (the handler went away).

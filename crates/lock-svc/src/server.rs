@@ -109,6 +109,7 @@ impl LockServer {
 
     /// Abrupt stop (tests): connections drop, the group stops.
     pub async fn kill(self) {
+        self.locks.waits.close();
         let _ = self.close.send(true);
         self.ticker.abort();
         let mut server = self.server;

@@ -115,8 +115,19 @@ impl Locks {
             decided: false,
         };
         let mut rx = self.waits.wait(id);
+        let stopping = || {
+            Status::unavailable(format!(
+                "this replica is stopping; retry the acquire with the same request_id on another replica to resume wait {id}"
+            ))
+        };
         let outcome = tokio::select! {
-            o = &mut rx => o.ok(),
+            o = &mut rx => match o {
+                Ok(o) => Some(o),
+                Err(_) => {
+                    guard.decided = true;
+                    return Err(stopping());
+                }
+            },
             _ = tokio::time::sleep(timeout) => None,
         };
         let outcome = match outcome {
