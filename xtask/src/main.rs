@@ -1,8 +1,8 @@
 //! `cargo xtask …`: every chore of the repo as a Rust command.
 //!
 //! - `test`              the whole suite: fmt check, clippy -D warnings, every test
-//! - `bench consensus`   the consensus benchmark (release), args passed through
-//! - `up`                a local three-replica cluster on 127.0.0.1
+//! - `bench <name>`      a benchmark (release), args passed through
+//! - `up`                three replicas of every service on 127.0.0.1
 //!
 //! Each subcommand shells out to cargo with the workspace's shared target dir.
 
@@ -24,8 +24,8 @@ fn main() -> ExitCode {
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  test                 fmt check, clippy -D warnings, the whole test suite\n  \
-                 bench consensus [..] the consensus benchmark (release build)\n  \
-                 up [..]              a local three-replica cluster on 127.0.0.1"
+                 bench <consensus|lock> [..]  a benchmark (release build)\n  \
+                 up [DATA_DIR]        three replicas of every service on 127.0.0.1"
             );
             return if cmd == "help" {
                 ExitCode::SUCCESS
@@ -87,38 +87,72 @@ fn test(extra: &[String]) -> Result {
     run(t)
 }
 
+/// Benchmarks: name → the crate whose `bench` example runs it.
+const BENCHES: &[(&str, &str)] = &[("consensus", "consensus"), ("lock", "lock-svc")];
+
 fn bench(args: &[String]) -> Result {
-    match args.split_first() {
-        Some((what, rest)) if what == "consensus" => {
-            let mut c = cargo();
-            c.args([
-                "run",
-                "--release",
-                "-p",
-                "consensus",
-                "--example",
-                "bench",
-                "--",
-            ])
-            .args(rest);
-            run(c)
-        }
-        _ => Err("usage: cargo xtask bench consensus [--proposers 1,64,512] [--seconds 10]".into()),
-    }
+    let usage = || {
+        let names: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
+        format!("usage: cargo xtask bench <{}> [args…]", names.join("|"))
+    };
+    let (what, rest) = args.split_first().ok_or_else(usage)?;
+    let (_, krate) = BENCHES.iter().find(|(n, _)| n == what).ok_or_else(usage)?;
+    let mut c = cargo();
+    c.args(["run", "--release", "-p", krate, "--example", "bench", "--"])
+        .args(rest);
+    run(c)
 }
 
+/// The services `up` starts: (binary, first port). Three replicas each, on
+/// consecutive ports. A new service is one line here.
+const SERVICES: &[(&str, u16)] = &[("lock-svc", 7001)];
+
 fn up(args: &[String]) -> Result {
-    let mut c = cargo();
-    c.args([
-        "run",
-        "--release",
-        "-p",
-        "consensus",
-        "--bin",
-        "raft-demo",
-        "--",
-        "up",
-    ])
-    .args(args);
-    run(c)
+    let data = root().join(args.first().map(String::as_str).unwrap_or("data"));
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "client"]);
+    for (bin, _) in SERVICES {
+        build.args(["-p", bin]);
+    }
+    run(build)?;
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"));
+    let mut children = Vec::new();
+    for (bin, base) in SERVICES {
+        let peers: Vec<String> = (1..=3u16)
+            .map(|i| format!("{i}=127.0.0.1:{}", base + i - 1))
+            .collect();
+        for i in 1..=3u16 {
+            let child = Command::new(target.join("release").join(bin))
+                .env("DSYNC_NODE_ID", i.to_string())
+                .env("DSYNC_LISTEN", format!("127.0.0.1:{}", base + i - 1))
+                .env("DSYNC_PEERS", peers.join(","))
+                .env("DSYNC_DATA_DIR", data.join(bin).join(format!("n{i}")))
+                .spawn()
+                .map_err(|e| format!("start {bin} {i}: {e}"))?;
+            children.push(child);
+        }
+        println!(
+            "{bin}: three replicas on 127.0.0.1:{base}..={} (data in {})",
+            base + 2,
+            data.join(bin).display()
+        );
+    }
+    println!(
+        "\nTry it (the dsync CLI defaults to these endpoints):\n  \
+         target/release/dsync lock acquire orders/42 --mode exclusive\n  \
+         target/release/dsync lock status orders/42\n  \
+         target/release/dsync session list\n\
+         Ctrl-C stops the cluster (the replicas get SIGINT and shut down cleanly)."
+    );
+    let mut failed = false;
+    for mut c in children {
+        failed |= !c.wait().map(|s| s.success()).unwrap_or(false);
+    }
+    if failed {
+        Err("a replica exited with an error".into())
+    } else {
+        Ok(())
+    }
 }
