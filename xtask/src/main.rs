@@ -87,18 +87,24 @@ fn test(extra: &[String]) -> Result {
     run(t)
 }
 
-/// Benchmarks: name → the crate whose `bench` example runs it.
-const BENCHES: &[(&str, &str)] = &[("consensus", "consensus"), ("lock", "lock-svc")];
+/// Benchmarks: name → (crate, example) that runs it.
+const BENCHES: &[(&str, &str, &str)] = &[
+    ("consensus", "consensus", "consensus_bench"),
+    ("lock", "lock-svc", "lock_bench"),
+];
 
 fn bench(args: &[String]) -> Result {
     let usage = || {
-        let names: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = BENCHES.iter().map(|(n, _, _)| *n).collect();
         format!("usage: cargo xtask bench <{}> [args…]", names.join("|"))
     };
     let (what, rest) = args.split_first().ok_or_else(usage)?;
-    let (_, krate) = BENCHES.iter().find(|(n, _)| n == what).ok_or_else(usage)?;
+    let (_, krate, example) = BENCHES
+        .iter()
+        .find(|(n, _, _)| n == what)
+        .ok_or_else(usage)?;
     let mut c = cargo();
-    c.args(["run", "--release", "-p", krate, "--example", "bench", "--"])
+    c.args(["run", "--release", "-p", krate, "--example", example, "--"])
         .args(rest);
     run(c)
 }

@@ -118,6 +118,7 @@ pub(crate) struct Driver {
     last_snapshot_at: Instant,
     snapshots_taken: u64,
     snapshots_installed: u64,
+    proposals: u64,
 }
 
 impl Driver {
@@ -156,6 +157,7 @@ impl Driver {
             last_snapshot_at: Instant::now(),
             snapshots_taken: 0,
             snapshots_installed: 0,
+            proposals: 0,
         }
     }
 
@@ -303,6 +305,7 @@ impl Driver {
         let index = self.raw.raft.raft_log.last_index();
         match res {
             Ok(()) if index > before => {
+                self.proposals += 1;
                 let pending = Pending {
                     term: self.raw.raft.term,
                     deadline,
@@ -600,8 +603,15 @@ impl Driver {
         s.snapshot_index = self.snapshot_index;
         s.voters = conf.voters;
         s.learners = conf.learners;
+        s.matched.clear();
+        if raft.state == StateRole::Leader {
+            s.matched
+                .extend(raft.prs().iter().map(|(id, pr)| (*id, pr.matched)));
+            s.matched.sort_unstable();
+        }
         s.snapshots_taken = self.snapshots_taken;
         s.snapshots_installed = self.snapshots_installed;
+        s.proposals = self.proposals;
         s.running = true;
     }
 }

@@ -35,6 +35,12 @@ pub struct GroupStatus {
     pub snapshot_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// On the leader: the highest log index known replicated on each
+    /// member, by node id (empty on followers).
+    pub matched: Vec<(u64, u64)>,
+    /// Proposals (including membership changes) this node accepted as
+    /// leader since it started.
+    pub proposals: u64,
     /// Snapshots this node took and installed since it started.
     pub snapshots_taken: u64,
     pub snapshots_installed: u64,

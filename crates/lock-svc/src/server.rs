@@ -1,28 +1,31 @@
-//! A running lock-svc replica: the consensus node, the lock group, the gRPC
-//! server (lock API and Raft transport on one port, so the address in a
-//! leader hint is the one clients dial) and the leader's ticker.
+//! A running lock-svc replica: the chassis replica (node, gRPC server with
+//! Raft, health, reflection, admin, metrics), the lock group, and the
+//! leader's ticker.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use consensus::{GrpcTransport, Inbound, Node, RaftTransportService, Transport};
+use chassis::Replica;
+use consensus::Node;
 use parking_lot::RwLock;
 use proto::lock::v1::internal::{command::Cmd, Tick};
 use proto::lock::v1::lock_service_server::LockServiceServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::Routes;
 
 use crate::config::LockConfig;
 use crate::machine::{LockMachine, Waits};
 use crate::service::{Locks, GROUP};
 use crate::state::LockState;
 
+/// The gRPC service name reported by health checks.
+pub const SERVICE_NAME: &str = "dsync.lock.v1.LockService";
+
 pub struct LockServer {
-    pub node: Node,
     pub locks: Locks,
     pub addr: std::net::SocketAddr,
-    close: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    replica: Replica,
     ticker: JoinHandle<()>,
 }
 
@@ -31,23 +34,14 @@ impl LockServer {
     /// tokio runtime.
     pub fn start(cfg: LockConfig, listener: tokio::net::TcpListener) -> Result<Self, String> {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let mut ccfg = consensus::Config::new(cfg.node_id, &cfg.data_dir);
-        (cfg.raft)(&mut ccfg);
-        let mut transport: Arc<dyn Transport> =
-            Arc::new(GrpcTransport::new(cfg.node_id, cfg.peers.clone()));
-        if let Some(f) = &cfg.faults {
-            transport = f.transport(cfg.node_id, transport);
-        }
-        let node = Node::open(ccfg, transport).map_err(|e| e.to_string())?;
+        let mut replica = Replica::open(cfg.replica.clone())?;
         let state = Arc::new(RwLock::new(LockState::new(cfg.limits)));
         let waits = Arc::new(Waits::default());
-        let mut voters: Vec<u64> = cfg.peers.keys().copied().collect();
-        voters.sort_unstable();
-        let voters = if cfg.bootstrap { voters } else { Vec::new() };
-        let group = node
+        let group = replica
+            .node()
             .start_group(
                 GROUP,
-                &voters,
+                &cfg.replica.voters(),
                 Box::new(LockMachine {
                     state: state.clone(),
                     waits: waits.clone(),
@@ -60,73 +54,48 @@ impl LockServer {
             waits,
             limits: cfg.limits,
         };
-        let (close, closed) = watch::channel(false);
-        let mut inbound: Arc<dyn Inbound> = Arc::new(node.clone());
-        if let Some(f) = &cfg.faults {
-            inbound = f.inbound(cfg.node_id, inbound);
-        }
-        let raft = RaftTransportService::new(inbound, closed.clone());
-        let api = LockServiceServer::new(locks.clone());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let mut stop = closed.clone();
-        let server = tokio::spawn(async move {
-            let res = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(raft.into_server())
-                .add_service(api)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|c| *c).await;
-                })
-                .await;
-            if let Err(e) = res {
-                tracing::error!(error = %e, "lock-svc gRPC server failed");
-            }
-        });
-        let ticker = tokio::spawn(tick_loop(locks.clone(), cfg.tick_interval, closed));
+        replica.serve(
+            listener,
+            Routes::new(LockServiceServer::new(locks.clone())),
+            &[SERVICE_NAME],
+        )?;
+        let ticker = tokio::spawn(tick_loop(
+            locks.clone(),
+            cfg.tick_interval,
+            replica.closed(),
+        ));
         Ok(Self {
-            node,
             locks,
             addr,
-            close,
-            server,
+            replica,
             ticker,
         })
     }
 
-    /// Graceful stop: hand leadership to a peer if this replica leads, stop
-    /// serving, stop the group (everything acknowledged is already on disk).
+    pub fn node(&self) -> &Node {
+        self.replica.node()
+    }
+
+    /// Graceful stop (SIGTERM): leadership handed to a peer, waits failed
+    /// over to other replicas, server and group stopped.
     pub async fn shutdown(self) {
-        let st = self.locks.group.status();
-        if st.is_leader() {
-            if let Some(&to) = st.voters.iter().find(|&&v| v != st.node) {
-                if let Err(e) = self.locks.group.transfer_leader(to).await {
-                    tracing::warn!(error = %e, "leader transfer before shutdown failed");
-                }
-            }
-        }
-        self.kill().await;
+        self.ticker.abort();
+        self.locks.waits.close();
+        self.replica.shutdown().await;
     }
 
     /// Abrupt stop (tests): connections drop, the group stops.
     pub async fn kill(self) {
-        self.locks.waits.close();
-        let _ = self.close.send(true);
         self.ticker.abort();
-        let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(2), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
-        let node = self.node;
-        let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
+        self.locks.waits.close();
+        self.replica.kill().await;
     }
 }
 
 /// On the leader, proposes a `Tick` every `interval` while there are
 /// sessions, and once per new term with `refresh_sessions` so an election
-/// does not expire sessions whose keep-alives could not get through.
+/// does not expire sessions whose keep-alives could not get through. Also
+/// publishes the lock table's gauges (on every replica).
 async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver<bool>) {
     let mut ticked_term = 0;
     loop {
@@ -134,6 +103,7 @@ async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver
             _ = tokio::time::sleep(interval) => {}
             _ = closed.wait_for(|c| *c) => return,
         }
+        publish_gauges(&locks);
         let st = locks.group.status();
         if !st.is_leader() {
             ticked_term = 0;
@@ -153,4 +123,16 @@ async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver
             Err(e) => tracing::debug!(error = %e, "tick not committed"),
         }
     }
+}
+
+fn publish_gauges(locks: &Locks) {
+    let s = locks.state.read();
+    metrics::gauge!("dsync_lock_sessions").set(s.sessions.len() as f64);
+    metrics::gauge!("dsync_lock_locks_held").set(s.locks.len() as f64);
+    metrics::gauge!("dsync_lock_waiters").set(s.waiters.len() as f64);
+    metrics::gauge!("dsync_lock_resources").set(s.resources.len() as f64);
+    metrics::counter!("dsync_lock_grants_total").absolute(s.stats.grants);
+    metrics::counter!("dsync_lock_timeouts_total").absolute(s.stats.timeouts);
+    metrics::counter!("dsync_lock_deadlocks_total").absolute(s.stats.deadlocks);
+    metrics::counter!("dsync_lock_sessions_expired_total").absolute(s.stats.expired_sessions);
 }

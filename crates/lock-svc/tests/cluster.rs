@@ -50,7 +50,7 @@ impl Cluster {
             self.dir.path().join(format!("n{id}")),
         );
         cfg.tick_interval = Duration::from_millis(100);
-        cfg.faults = Some(self.faults.clone());
+        cfg.replica.faults = Some(self.faults.clone());
         self.servers.insert(id, LockServer::start(cfg, l).unwrap());
     }
 

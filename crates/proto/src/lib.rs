@@ -5,6 +5,12 @@
 /// Encoded `FileDescriptorSet` of every dsync proto, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("dsync.admin.v1");
+    }
+}
+
 pub mod common {
     pub mod v1 {
         tonic::include_proto!("dsync.common.v1");

@@ -1,0 +1,24 @@
+//! The chassis every dsync service binary runs on.
+//!
+//! A service brings its state machine and its gRPC API; the chassis brings
+//! the rest, the same way for every service:
+//! - [`config`] — flags and `DSYNC_*` env, including Kubernetes mode (node id
+//!   from the pod ordinal, peers from the headless service's DNS names);
+//! - [`logging`] — tracing logs, human or JSON (`DSYNC_LOG_FORMAT`);
+//! - [`metrics`] — Prometheus exporter and Raft gauges;
+//! - [`layer`] — per-request span, timeout, load shedding with
+//!   `RESOURCE_EXHAUSTED`, request count and latency metrics;
+//! - [`replica`] — the consensus node, one gRPC server carrying the service
+//!   API plus Raft transport, `grpc.health.v1`, reflection and the admin API,
+//!   automatic join for scaled-up replicas, and graceful shutdown;
+//! - [`admin`] — `dsync.admin.v1.Admin`: status and membership.
+
+pub mod admin;
+pub mod config;
+pub mod layer;
+pub mod logging;
+pub mod metrics;
+pub mod replica;
+
+pub use config::{CommonFlags, ReplicaConfig};
+pub use replica::Replica;
