@@ -115,7 +115,7 @@ impl Node {
             None => return Err(Error::Stopped(group)),
         };
         if storage.is_empty() && !initial_voters.is_empty() {
-            storage.bootstrap(initial_voters)?;
+            storage.bootstrap(initial_voters, sm.snapshot())?;
         }
         let snap = storage.load_snapshot()?;
         let meta = snap.get_metadata().clone();

@@ -32,6 +32,8 @@ use raft_engine::{Command, Engine, LogBatch, MessageExt, ReadableSize};
 use crate::error::Error;
 
 const HARD_STATE_KEY: &[u8] = b"hard_state";
+/// Index (and term) of the snapshot a new group is bootstrapped with.
+pub const BOOTSTRAP_INDEX: u64 = 5;
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 
 /// Tells raft-engine how to read the index of a raft-rs entry.
@@ -151,12 +153,24 @@ impl GroupStorage {
             && self.engine.last_index(self.group).is_none()
     }
 
-    /// Bootstraps a brand-new group with its initial voters, as a snapshot
-    /// at index 0 carrying only the conf state (the same shape etcd and
-    /// raft-rs's MemStorage use).
-    pub fn bootstrap(&self, voters: &[u64]) -> Result<(), Error> {
-        let mut snap = Snapshot::default();
-        snap.mut_metadata().mut_conf_state().voters = voters.to_vec();
+    /// Bootstraps a brand-new group with its initial voters and the
+    /// state machine's empty state, as a snapshot at [`BOOTSTRAP_INDEX`].
+    ///
+    /// Why not index 0: the founding conf state lives only in this
+    /// snapshot, never in a log entry. With the log starting above it, a
+    /// replica that joins later cannot be caught up from entries (it would
+    /// replay only the later membership changes and believe itself the
+    /// sole voter); it must receive a snapshot, which carries the full
+    /// conf state. (TiKV initialises its regions the same way.)
+    pub fn bootstrap(&self, voters: &[u64], data: Vec<u8>) -> Result<(), Error> {
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = BOOTSTRAP_INDEX;
+        meta.term = BOOTSTRAP_INDEX;
+        meta.mut_conf_state().voters = voters.to_vec();
         self.persist(
             WriteSet {
                 snapshot: Some(&snap),
@@ -403,7 +417,9 @@ mod tests {
             let store = LogStore::open(dir.path()).unwrap();
             let g = store.group(7).unwrap();
             assert!(g.is_empty());
-            g.bootstrap(&[1, 2, 3]).unwrap();
+            g.bootstrap(&[1, 2, 3], Vec::new()).unwrap();
+            assert_eq!(g.first_index().unwrap(), BOOTSTRAP_INDEX + 1);
+            assert_eq!(g.hard_state().term, BOOTSTRAP_INDEX);
             let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
             let hs = HardState {
                 term: 1,

@@ -408,3 +408,37 @@ fn init_log() {
         .with_test_writer()
         .try_init();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_learns_the_founding_members_even_without_compaction() {
+    // Regression: the founding conf state exists only in the bootstrap
+    // snapshot; a node caught up from log entries alone would believe it
+    // is the only voter once promoted.
+    let rec = Recorders::default();
+    let mut c = Cluster::new(3, &[G], rec.factory());
+    let leader = c.wait_leader(G).await;
+    for i in 0..5 {
+        c.propose(G, cmd(i), 5 * SEC).await.unwrap();
+    }
+    assert_eq!(
+        c.handle(leader, G).status().snapshot_index,
+        5,
+        "no compaction yet"
+    );
+    c.start_node(4, &[G], &[]).unwrap();
+    c.handle(leader, G)
+        .add_learner(4, "sim-node-4")
+        .await
+        .unwrap();
+    let commit = c.handle(leader, G).status().commit;
+    c.wait_applied(G, commit, 10 * SEC).await;
+    let st = c.handle(4, G).status();
+    assert_eq!(st.voters, vec![1, 2, 3], "{st:?}");
+    assert_eq!(st.learners, vec![4]);
+    c.handle(leader, G).promote(4).await.unwrap();
+    let commit = c.handle(leader, G).status().commit;
+    c.wait_applied(G, commit, 10 * SEC).await;
+    assert_eq!(c.handle(4, G).status().voters, vec![1, 2, 3, 4]);
+    let expected: Vec<_> = (0..5).map(cmd).collect();
+    assert_eq!(rec.get(4, G).commands(), expected);
+}

@@ -40,6 +40,29 @@ enum Top {
         #[command(subcommand)]
         cmd: SessionCmd,
     },
+    /// Cluster status and membership (any service).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Every replica's view: role, term, leader, indexes, members, health.
+    Status,
+    /// Add a replica (learner, promoted to voter once caught up).
+    AddMember {
+        node_id: u64,
+        addr: String,
+        /// Leave it a learner (hot standby).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a replica from every group.
+    RemoveMember { node_id: u64 },
+    /// Move leadership to a replica.
+    TransferLeader { node_id: u64 },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,11 +157,159 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<(), Status> {
+    if let Top::Cluster { cmd } = cli.cmd {
+        return cluster(&cli.endpoints, cmd).await;
+    }
     let client = LockClient::connect(cli.endpoints)?;
     match cli.cmd {
         Top::Lock { cmd } => lock(&client, cmd).await,
         Top::Session { cmd } => session(&client, cmd).await,
+        Top::Cluster { .. } => unreachable!("handled above"),
     }
+}
+
+fn role_name(r: i32) -> &'static str {
+    use proto::common::v1::RaftRole;
+    match RaftRole::try_from(r) {
+        Ok(RaftRole::Leader) => "leader",
+        Ok(RaftRole::Follower) => "follower",
+        Ok(RaftRole::Candidate) => "candidate",
+        Ok(RaftRole::PreCandidate) => "pre-candidate",
+        _ => "?",
+    }
+}
+
+async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
+    use proto::admin::v1::admin_client::AdminClient;
+    use proto::admin::v1::*;
+    match cmd {
+        ClusterCmd::Status => {
+            println!(
+                "{:<22} {:>4} {:<10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9}  {:<8} members",
+                "replica",
+                "node",
+                "role",
+                "group",
+                "term",
+                "leader",
+                "commit",
+                "applied",
+                "last",
+                "health"
+            );
+            let mut reachable = 0;
+            for ep in endpoints {
+                let res = async {
+                    let ch = tonic::transport::Endpoint::from_shared(format!("http://{ep}"))
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?
+                        .connect_timeout(Duration::from_millis(500))
+                        .timeout(Duration::from_secs(2))
+                        .connect()
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                    AdminClient::new(ch).status(StatusRequest {}).await
+                }
+                .await;
+                match res {
+                    Ok(r) => {
+                        reachable += 1;
+                        let r = r.into_inner();
+                        let members: Vec<String> = r
+                            .members
+                            .iter()
+                            .map(|m| {
+                                format!(
+                                    "{}{}={}",
+                                    m.node_id,
+                                    if m.voter { "" } else { "(learner)" },
+                                    m.addr
+                                )
+                            })
+                            .collect();
+                        for g in &r.groups {
+                            println!(
+                                "{:<22} {:>4} {:<10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9}  {:<8} {}",
+                                ep,
+                                r.node_id,
+                                role_name(g.role),
+                                g.group_id,
+                                g.term,
+                                g.leader_id,
+                                g.commit_index,
+                                g.applied_index,
+                                g.last_index,
+                                if r.healthy { "serving" } else { "NOT" },
+                                members.join(",")
+                            );
+                        }
+                    }
+                    Err(e) => println!("{ep:<22} unreachable: {}", e.message()),
+                }
+            }
+            if reachable == 0 {
+                return Err(Status::unavailable("no replica answered"));
+            }
+        }
+        ClusterCmd::AddMember {
+            node_id,
+            addr,
+            learner,
+        } => {
+            let conn =
+                dsync_client::Conn::new(endpoints.to_vec(), dsync_client::Options::default())?;
+            let r = conn
+                .call(|ch| {
+                    let req = AddMemberRequest {
+                        node_id,
+                        addr: addr.clone(),
+                        promote: !learner,
+                    };
+                    async move { AdminClient::new(ch).add_member(req).await }
+                })
+                .await?;
+            println!(
+                "added; members: {:?}",
+                r.into_inner()
+                    .members
+                    .iter()
+                    .map(|m| m.node_id)
+                    .collect::<Vec<_>>()
+            );
+        }
+        ClusterCmd::RemoveMember { node_id } => {
+            let conn =
+                dsync_client::Conn::new(endpoints.to_vec(), dsync_client::Options::default())?;
+            let r = conn
+                .call(|ch| async move {
+                    AdminClient::new(ch)
+                        .remove_member(RemoveMemberRequest { node_id })
+                        .await
+                })
+                .await?;
+            println!(
+                "removed; members: {:?}",
+                r.into_inner()
+                    .members
+                    .iter()
+                    .map(|m| m.node_id)
+                    .collect::<Vec<_>>()
+            );
+        }
+        ClusterCmd::TransferLeader { node_id } => {
+            let conn =
+                dsync_client::Conn::new(endpoints.to_vec(), dsync_client::Options::default())?;
+            conn.call(|ch| async move {
+                AdminClient::new(ch)
+                    .transfer_leader(TransferLeaderRequest {
+                        to_node_id: node_id,
+                    })
+                    .await
+            })
+            .await?;
+            println!("leadership moved to node {node_id}");
+        }
+    }
+    Ok(())
 }
 
 async fn lock(client: &LockClient, cmd: LockCmd) -> Result<(), Status> {
