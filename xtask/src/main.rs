@@ -6,6 +6,8 @@
 //!
 //! Each subcommand shells out to cargo with the workspace's shared target dir.
 
+mod manifests;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -19,13 +21,17 @@ fn main() -> ExitCode {
         "test" => test(rest),
         "bench" => bench(rest),
         "up" => up(rest),
+        "manifests" => write_manifests(),
+        "validate-manifests" => validate_manifests(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  test                 fmt check, clippy -D warnings, the whole test suite\n  \
                  bench <consensus|lock> [..]  a benchmark (release build)\n  \
-                 up [DATA_DIR]        three replicas of every service on 127.0.0.1"
+                 up [DATA_DIR]        three replicas of every service on 127.0.0.1\n  \
+                 manifests            write k8s/ (generated Kubernetes manifests)\n  \
+                 validate-manifests   check k8s/ against the Kubernetes schemas (offline)"
             );
             return if cmd == "help" {
                 ExitCode::SUCCESS
@@ -84,7 +90,55 @@ fn test(extra: &[String]) -> Result {
     run(clippy)?;
     let mut t = cargo();
     t.args(["test", "--workspace"]).args(extra);
-    run(t)
+    run(t)?;
+    validate_manifests()
+}
+
+fn write_manifests() -> Result {
+    let dir = root().join("k8s");
+    manifests::write(&dir).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+    println!("wrote {}", dir.display());
+    Ok(())
+}
+
+/// Kubernetes version the manifests are validated against.
+const KUBERNETES_VERSION: &str = "1.30.0";
+
+/// Validates every generated resource with the `kubernetes-validate` PyPI
+/// package (schemas bundled: no cluster, no network), installing it first
+/// if needed.
+fn validate_manifests() -> Result {
+    let dir = root().join("k8s");
+    let stale = manifests::stale(&dir);
+    if !stale.is_empty() {
+        return Err(format!(
+            "k8s/ is out of date ({stale:?}); run `cargo xtask manifests`"
+        ));
+    }
+    let have = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        let mut pip = Command::new("python3");
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "kubernetes-validate",
+        ]);
+        run(pip)?;
+    }
+    let mut v = Command::new("kubernetes-validate");
+    v.args(["--strict", "-k", KUBERNETES_VERSION]);
+    for (path, _) in manifests::generate() {
+        if !path.ends_with("kustomization.yaml") {
+            v.arg(dir.join(path));
+        }
+    }
+    run(v)
 }
 
 /// Benchmarks: name → (crate, example) that runs it.

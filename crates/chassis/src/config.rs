@@ -166,7 +166,9 @@ impl ReplicaConfig {
                 if !t.contains("{ordinal}") {
                     return Err("DSYNC_PEER_TEMPLATE must contain {ordinal}".into());
                 }
-                (0..n.max(f.initial_replicas))
+                // Always include this pod (a scaled-up ordinal may be past
+                // a stale replica count).
+                (0..n.max(f.initial_replicas).max(node_id))
                     .map(|o| (o + 1, t.replace("{ordinal}", &o.to_string())))
                     .collect()
             }
@@ -272,7 +274,7 @@ mod tests {
             "--pod-name",
             "lock-svc-3",
             "--replicas",
-            "4",
+            "3",
             "--peer-template",
             "lock-svc-{ordinal}.h:7001",
         ]);

@@ -24,6 +24,10 @@ use crate::admin::{healthy, AdminService};
 use crate::config::ReplicaConfig;
 use crate::layer::{GrpcLayer, Limits};
 
+/// Health-check service name that reports SERVING while the process runs
+/// (Kubernetes liveness); "" and the service's own name report readiness.
+pub const LIVENESS: &str = "liveness";
+
 pub struct Replica {
     pub cfg: ReplicaConfig,
     node: Node,
@@ -83,6 +87,13 @@ impl Replica {
         }
         let raft = RaftTransportService::new(inbound, self.closed.clone());
         let (reporter, health) = tonic_health::server::health_reporter();
+        // Liveness answers SERVING whenever the process serves at all: a
+        // replica cut off from its quorum is not ready, but restarting it
+        // would not help.
+        tokio::spawn({
+            let mut r = reporter.clone();
+            async move { r.set_service_status(LIVENESS, ServingStatus::Serving).await }
+        });
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
