@@ -6,6 +6,8 @@
 //!
 //! Each subcommand shells out to cargo with the workspace's shared target dir.
 
+mod e2e;
+mod image;
 mod manifests;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +24,8 @@ fn main() -> ExitCode {
         "bench" => bench(rest),
         "up" => up(rest),
         "manifests" => write_manifests(),
+        "image" => image::build_all(),
+        "e2e" => e2e::run(rest.first().and_then(|s| s.parse().ok()).unwrap_or(40)),
         "validate-manifests" => validate_manifests(),
         _ => {
             eprintln!(
@@ -31,6 +35,8 @@ fn main() -> ExitCode {
                  bench <consensus|lock> [..]  a benchmark (release build)\n  \
                  up [DATA_DIR]        three replicas of every service on 127.0.0.1\n  \
                  manifests            write k8s/ (generated Kubernetes manifests)\n  \
+                 image                build the images (from scratch) into Docker + OCI archives\n  \
+                 e2e [SECONDS]        three replicas in Docker under partitions and kills\n  \
                  validate-manifests   check k8s/ against the Kubernetes schemas (offline)"
             );
             return if cmd == "help" {
@@ -91,7 +97,13 @@ fn test(extra: &[String]) -> Result {
     let mut t = cargo();
     t.args(["test", "--workspace"]).args(extra);
     run(t)?;
-    validate_manifests()
+    validate_manifests()?;
+    if e2e::available() {
+        e2e::run(40)
+    } else {
+        eprintln!("xtask test: no Docker engine, skipping the Docker end-to-end test");
+        Ok(())
+    }
 }
 
 fn write_manifests() -> Result {

@@ -1,0 +1,250 @@
+//! `cargo xtask e2e`: a three-replica lock-svc cluster in Docker, driven by
+//! the Rust client under faults.
+//!
+//! The replicas run as containers named like a StatefulSet's pods
+//! (`lock-svc-0..2`) on a private `--internal` network, configured exactly as
+//! in Kubernetes (pod name, replica count, peer template). The load driver
+//! (`dsync-e2e load`, see crates/e2e) runs in a fourth container on the same
+//! network. Meanwhile this orchestrator:
+//! 1. disconnects the leader's container from the network: the majority
+//!    must elect a new leader and keep granting locks; the isolated replica
+//!    must refuse a write; then reconnects it and waits for it to converge;
+//! 2. `docker kill`s a replica and starts it again from its volume.
+//!
+//! The driver checks mutual exclusion, fencing-token order and that every
+//! acknowledged lock survived; this side reports how soon grants resumed
+//! after the partition.
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::image::tag;
+use crate::Result;
+
+const REPLICAS: usize = 3;
+const PORT: u16 = 7001;
+
+struct Env {
+    net: String,
+    prefix: String,
+}
+
+fn docker(args: &[&str]) -> Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("docker {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "docker {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// True if a Docker engine answers.
+pub fn available() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl Env {
+    fn pod(&self, i: usize) -> String {
+        format!("lock-svc-{i}")
+    }
+    fn container(&self, i: usize) -> String {
+        format!("{}-lock-svc-{i}", self.prefix)
+    }
+    fn endpoints(&self) -> String {
+        (0..REPLICAS)
+            .map(|i| format!("{}:{PORT}", self.pod(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn start_replica(&self, i: usize) -> Result {
+        let name = self.container(i);
+        let pod = self.pod(i);
+        let vol = format!("{name}-data:/var/lib/dsync");
+        let template = format!("DSYNC_PEER_TEMPLATE=lock-svc-{{ordinal}}:{PORT}");
+        let pod_env = format!("DSYNC_POD_NAME={pod}");
+        docker(&[
+            "run", "-d", "--name", &name, "--hostname", &pod, "--network", &self.net,
+            "--network-alias", &pod, "-v", &vol, "-e", &pod_env, "-e", "DSYNC_REPLICAS=3",
+            "-e", &template, "-e", "RUST_LOG=warn", &tag("lock-svc"),
+        ])?;
+        Ok(())
+    }
+
+    /// `dsync cluster status` from inside replica `via`, as (node id, role)
+    /// rows of the replicas it reached.
+    fn status(&self, via: usize) -> Vec<(usize, String, String)> {
+        let out = docker(&[
+            "exec", &self.container(via), "/usr/local/bin/dsync", "--endpoints",
+            &self.endpoints(), "cluster", "status",
+        ])
+        .unwrap_or_default();
+        out.lines()
+            .skip(1)
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                let node: usize = cols.get(1)?.parse().ok()?;
+                let role = cols.get(2)?.to_string();
+                let commit = cols.get(6)?.to_string();
+                Some((node, role, commit))
+            })
+            .collect()
+    }
+
+    fn leader(&self, via: &[usize], within: Duration) -> Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            for &v in via {
+                if let Some((node, _, _)) = self.status(v).into_iter().find(|(_, r, _)| r == "leader") {
+                    return Ok(node - 1);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("no leader found".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn cleanup(&self) {
+        let _ = docker(&["rm", "-f", &format!("{}-driver", self.prefix)]);
+        for i in 0..REPLICAS {
+            let _ = docker(&["rm", "-f", &self.container(i)]);
+            let _ = docker(&["volume", "rm", "-f", &format!("{}-data", self.container(i))]);
+        }
+        let _ = docker(&["network", "rm", &self.net]);
+    }
+}
+
+pub fn run(seconds: u64) -> Result {
+    if !available() {
+        return Err("no Docker engine answers `docker info`".into());
+    }
+    crate::image::build_all()?;
+    let prefix = format!("dsync-e2e-{}", std::process::id());
+    let env = Env {
+        net: format!("{prefix}-net"),
+        prefix,
+    };
+    env.cleanup();
+    let res = scenario(&env, seconds);
+    if res.is_err() {
+        for i in 0..REPLICAS {
+            if let Ok(logs) = docker(&["logs", "--tail", "30", &env.container(i)]) {
+                eprintln!("--- {} ---\n{logs}", env.container(i));
+            }
+        }
+    }
+    env.cleanup();
+    res
+}
+
+fn scenario(env: &Env, seconds: u64) -> Result {
+    // A private network: containers reach each other, nothing else.
+    docker(&["network", "create", "--internal", &env.net])?;
+    for i in 0..REPLICAS {
+        env.start_replica(i)?;
+    }
+    let leader = env.leader(&[0, 1, 2], Duration::from_secs(30))?;
+    println!("e2e: cluster up, leader {}", env.pod(leader));
+    let driver = format!("{}-driver", env.prefix);
+    let secs = seconds.to_string();
+    docker(&[
+        "run", "-d", "--name", &driver, "--network", &env.net, &tag("e2e"), "load",
+        "--endpoints", &env.endpoints(), "--seconds", &secs,
+    ])?;
+    std::thread::sleep(Duration::from_secs(seconds / 5));
+
+    // 1. Partition the leader away.
+    let old = env.leader(&[0, 1, 2], Duration::from_secs(10))?;
+    let cut_at = wall_ms();
+    docker(&["network", "disconnect", &env.net, &env.container(old)])?;
+    println!("e2e: disconnected leader {} from the network", env.pod(old));
+    let others: Vec<usize> = (0..REPLICAS).filter(|&i| i != old).collect();
+    let new = env.leader(&others, Duration::from_secs(10))?;
+    let elected_ms = wall_ms() - cut_at;
+    println!("e2e: {} leads the majority ({elected_ms} ms after the cut, as observed by polling)", env.pod(new));
+    // The isolated replica refuses a write.
+    let refused = Command::new("docker")
+        .args([
+            "exec", &env.container(old), "/usr/local/bin/dsync", "--endpoints",
+            &format!("127.0.0.1:{PORT}"), "session", "open",
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if refused.status.success() {
+        return Err(format!(
+            "the isolated replica accepted a write: {}",
+            String::from_utf8_lossy(&refused.stdout)
+        ));
+    }
+    println!(
+        "e2e: isolated replica refused a write: {}",
+        String::from_utf8_lossy(&refused.stderr).trim()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let pod = env.pod(old);
+    docker(&["network", "connect", "--alias", &pod, &env.net, &env.container(old)])?;
+    println!("e2e: reconnected {}", env.pod(old));
+    // Converges: every replica reports the same commit index at some point.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = env.status(old);
+        let commits: Vec<&String> = st.iter().map(|(_, _, c)| c).collect();
+        if st.len() == REPLICAS && commits.windows(2).all(|w| w[0] == w[1])
+            || st.len() == REPLICAS && st.iter().any(|(n, r, _)| *n == old + 1 && r == "follower")
+        {
+            println!("e2e: {} rejoined as a follower", env.pod(old));
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} did not converge: {st:?}", env.pod(old)));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // 2. Kill a replica outright and restart it from its volume.
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = env.leader(&[0, 1, 2], Duration::from_secs(10))?;
+    docker(&["kill", &env.container(victim)])?;
+    println!("e2e: docker kill {}", env.pod(victim));
+    std::thread::sleep(Duration::from_secs(2));
+    docker(&["start", &env.container(victim)])?;
+    println!("e2e: restarted {}", env.pod(victim));
+
+    // The driver finishes and reports.
+    let code = docker(&["wait", &driver])?;
+    let out = docker(&["logs", &driver])?;
+    let report: Vec<&str> = out.lines().filter(|l| !l.starts_with("grant_times_ms=")).collect();
+    println!("e2e driver:\n  {}", report.join("\n  "));
+    // Service after the partition: first grant after the cut.
+    let times: Vec<u64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("grant_times_ms="))
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    if let Some(first) = times.iter().find(|&&t| t > cut_at) {
+        println!("e2e: first grant after the leader was cut off: {} ms", first - cut_at);
+    }
+    if code.trim() != "0" {
+        return Err(format!("the e2e driver failed (exit {})", code.trim()));
+    }
+    println!("e2e: pass");
+    Ok(())
+}
