@@ -176,8 +176,7 @@ fn scenario(env: &Env, seconds: u64) -> Result {
     println!("e2e: disconnected leader {} from the network", env.pod(old));
     let others: Vec<usize> = (0..REPLICAS).filter(|&i| i != old).collect();
     let new = env.leader(&others, Duration::from_secs(10))?;
-    let elected_ms = wall_ms() - cut_at;
-    println!("e2e: {} leads the majority ({elected_ms} ms after the cut, as observed by polling)", env.pod(new));
+    println!("e2e: {} leads the majority", env.pod(new));
     // The isolated replica refuses a write.
     let refused = Command::new("docker")
         .args([
@@ -239,8 +238,12 @@ fn scenario(env: &Env, seconds: u64) -> Result {
         .split(',')
         .filter_map(|t| t.parse().ok())
         .collect();
-    if let Some(first) = times.iter().find(|&&t| t > cut_at) {
-        println!("e2e: first grant after the leader was cut off: {} ms", first - cut_at);
+    match times.iter().find(|&&t| t > cut_at) {
+        Some(first) => println!(
+            "e2e: first grant after the leader was cut off: {} ms",
+            first - cut_at
+        ),
+        None => return Err("no lock was granted after the leader was cut off".into()),
     }
     if code.trim() != "0" {
         return Err(format!("the e2e driver failed (exit {})", code.trim()));

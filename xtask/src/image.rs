@@ -109,8 +109,10 @@ fn build_one(img: &Image) -> Result {
     let mut libs = Vec::new();
     for bin in img.bins {
         let src = target.join("release").join(bin);
-        std::fs::copy(&src, rootfs.join("usr/local/bin").join(bin))
-            .map_err(|e| format!("copy {}: {e}", src.display()))?;
+        let dst = rootfs.join("usr/local/bin").join(bin);
+        std::fs::copy(&src, &dst).map_err(|e| format!("copy {}: {e}", src.display()))?;
+        // Release builds keep line tables for profiling; images need none.
+        sh(Command::new("strip").arg("--strip-debug").arg(&dst))?;
         libs.extend(shared_libs(&src)?);
     }
     libs.sort();

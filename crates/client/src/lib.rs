@@ -106,6 +106,12 @@ impl Conn {
             .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
             .connect_timeout(self.inner.opts.connect_timeout)
             .tcp_nodelay(true)
+            // A replica cut off by a partition drops packets silently; HTTP/2
+            // pings notice within ~0.75 s and fail its in-flight calls as
+            // UNAVAILABLE, which `call` retries on another replica.
+            .http2_keep_alive_interval(Duration::from_millis(250))
+            .keep_alive_timeout(Duration::from_millis(500))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         s.channels.insert(addr.to_owned(), ch.clone());
         Ok(ch)
@@ -134,8 +140,13 @@ impl Conn {
     }
 
     /// Runs `f` against the leader, following hints and retrying
-    /// UNAVAILABLE (no leader, not the leader, replica down) until
-    /// `retry_for` passes. Other errors are returned as they are.
+    /// UNAVAILABLE (no leader, not the leader, replica down or unreachable)
+    /// and this client's own per-attempt timeout (the replica did not
+    /// answer) on other replicas until `retry_for` passes. Other errors are
+    /// returned as they are.
+    ///
+    /// Retried calls must be safe to repeat: the lock client makes
+    /// `Acquire` idempotent with a request id.
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
     where
         F: FnMut(Channel) -> Fut,
@@ -152,7 +163,9 @@ impl Conn {
                 }
                 Err(e) => e,
             };
-            if err.code() != Code::Unavailable || Instant::now() >= deadline {
+            // tonic reports its client-side timeout as CANCELLED.
+            let no_answer = err.code() == Code::Cancelled && err.message().contains("Timeout expired");
+            if !(err.code() == Code::Unavailable || no_answer) || Instant::now() >= deadline {
                 return Err(err);
             }
             let hint = proto::leader_hint(&err)

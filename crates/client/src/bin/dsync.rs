@@ -197,9 +197,10 @@ async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
                 "last",
                 "health"
             );
-            let mut reachable = 0;
-            for ep in endpoints {
-                let res = async {
+            // Ask every replica at once, each bounded (an unreachable
+            // replica must not hold up the report).
+            let asks = endpoints.iter().map(|ep| async move {
+                let ask = async {
                     let ch = tonic::transport::Endpoint::from_shared(format!("http://{ep}"))
                         .map_err(|e| Status::invalid_argument(e.to_string()))?
                         .connect_timeout(Duration::from_millis(500))
@@ -208,8 +209,15 @@ async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
                         .await
                         .map_err(|e| Status::unavailable(e.to_string()))?;
                     AdminClient::new(ch).status(StatusRequest {}).await
-                }
-                .await;
+                };
+                let res = tokio::time::timeout(Duration::from_secs(3), ask)
+                    .await
+                    .unwrap_or_else(|_| Err(Status::unavailable("no answer within 3 s")));
+                (ep, res)
+            });
+            let answers = futures::future::join_all(asks).await;
+            let mut reachable = 0;
+            for (ep, res) in answers {
                 match res {
                     Ok(r) => {
                         reachable += 1;
@@ -217,14 +225,7 @@ async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
                         let members: Vec<String> = r
                             .members
                             .iter()
-                            .map(|m| {
-                                format!(
-                                    "{}{}={}",
-                                    m.node_id,
-                                    if m.voter { "" } else { "(learner)" },
-                                    m.addr
-                                )
-                            })
+                            .map(|m| format!("{}{}={}", m.node_id, if m.voter { "" } else { "(learner)" }, m.addr))
                             .collect();
                         for g in &r.groups {
                             println!(
