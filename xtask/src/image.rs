@@ -88,7 +88,16 @@ fn sha256(path: &Path) -> Result<String> {
 /// Builds the release binaries and every image.
 pub fn build_all() -> Result {
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "lock-svc", "-p", "client", "-p", "e2e"]);
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "lock-svc",
+        "-p",
+        "client",
+        "-p",
+        "e2e",
+    ]);
     run(build)?;
     for img in IMAGES {
         build_one(img)?;
@@ -128,15 +137,24 @@ fn build_one(img: &Image) -> Result {
         "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/var/lib/dsync:/sbin/nologin\n",
     )
     .map_err(|e| e.to_string())?;
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n").map_err(|e| e.to_string())?;
-    std::fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n").map_err(|e| e.to_string())?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n")
+        .map_err(|e| e.to_string())?;
+    std::fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n")
+        .map_err(|e| e.to_string())?;
     // Owners: everything root, the data dir and /tmp the non-root user.
     sh(Command::new("chown").args(["-R", "0:0"]).arg(&rootfs))?;
-    sh(Command::new("chown").args(["65532:65532"]).arg(rootfs.join("var/lib/dsync")))?;
+    sh(Command::new("chown")
+        .args(["65532:65532"])
+        .arg(rootfs.join("var/lib/dsync")))?;
     sh(Command::new("chmod").args(["1777"]).arg(rootfs.join("tmp")))?;
     let layer = stage.join("layer.tar");
     sh(Command::new("tar")
-        .args(["--sort=name", "--numeric-owner", "--mtime=@0", "--format=posix"])
+        .args([
+            "--sort=name",
+            "--numeric-owner",
+            "--mtime=@0",
+            "--format=posix",
+        ])
         .args(["--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"])
         .arg("-C")
         .arg(&rootfs)
@@ -158,7 +176,9 @@ fn build_one(img: &Image) -> Result {
     ));
     std::fs::write(stage.join("Dockerfile"), dockerfile).map_err(|e| e.to_string())?;
     let mut docker = Command::new("docker");
-    docker.args(["build", "--quiet", "-t", &tag(img.name)]).arg(&stage);
+    docker
+        .args(["build", "--quiet", "-t", &tag(img.name)])
+        .arg(&stage);
     run(docker)?;
 
     // 2. An OCI image layout archive of the same layer.
@@ -168,7 +188,11 @@ fn build_one(img: &Image) -> Result {
     let layer_digest = sha256(&layer)?;
     let layer_size = std::fs::metadata(&layer).map_err(|e| e.to_string())?.len();
     std::fs::copy(&layer, blobs.join(&layer_digest)).map_err(|e| e.to_string())?;
-    let env: Vec<String> = img.env.iter().map(|(k, v)| format!("\"{k}={v}\"")).collect();
+    let env: Vec<String> = img
+        .env
+        .iter()
+        .map(|(k, v)| format!("\"{k}={v}\""))
+        .collect();
     let config = format!(
         r#"{{"architecture":"amd64","os":"linux","config":{{"User":"65532:65532","Env":[{env}],"Entrypoint":["{entry}"],"WorkingDir":"/var/lib/dsync"}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#,
         env = env.join(",")
@@ -185,7 +209,8 @@ fn build_one(img: &Image) -> Result {
     std::fs::write(&manifest_path, &manifest).map_err(|e| e.to_string())?;
     let manifest_digest = sha256(&manifest_path)?;
     std::fs::copy(&manifest_path, blobs.join(&manifest_digest)).map_err(|e| e.to_string())?;
-    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
+    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(|e| e.to_string())?;
     std::fs::write(
         oci.join("index.json"),
         format!(
@@ -195,11 +220,19 @@ fn build_one(img: &Image) -> Result {
         ),
     )
     .map_err(|e| e.to_string())?;
-    let archive = target
-        .join("images")
-        .join(format!("{}-{}.oci.tar", img.name, crate::manifests::VERSION));
+    let archive = target.join("images").join(format!(
+        "{}-{}.oci.tar",
+        img.name,
+        crate::manifests::VERSION
+    ));
     sh(Command::new("tar")
-        .args(["--sort=name", "--numeric-owner", "--owner=0", "--group=0", "--mtime=@0"])
+        .args([
+            "--sort=name",
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "--mtime=@0",
+        ])
         .arg("-C")
         .arg(&oci)
         .arg("-cf")

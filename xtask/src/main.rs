@@ -25,7 +25,11 @@ fn main() -> ExitCode {
         "up" => up(rest),
         "manifests" => write_manifests(),
         "image" => image::build_all(),
-        "e2e" => e2e::run(rest.first().and_then(|s| s.parse().ok()).unwrap_or(40)),
+        "e2e" => e2e::run(
+            rest.first()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(E2E_SECONDS),
+        ),
         "validate-manifests" => validate_manifests(),
         _ => {
             eprintln!(
@@ -56,6 +60,9 @@ fn main() -> ExitCode {
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
+
+/// How long the e2e driver runs (the faults happen inside this window).
+const E2E_SECONDS: u64 = 60;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -99,7 +106,7 @@ fn test(extra: &[String]) -> Result {
     run(t)?;
     validate_manifests()?;
     if e2e::available() {
-        e2e::run(40)
+        e2e::run(E2E_SECONDS)
     } else {
         eprintln!("xtask test: no Docker engine, skipping the Docker end-to-end test");
         Ok(())

@@ -19,6 +19,23 @@ use tonic::{Code, Status};
 pub use lock::{LockClient, LockGuard, Session};
 pub use proto::lock::v1::LockMode;
 
+/// True when `err` says the replica did not handle the call (down,
+/// unreachable, not the leader, connection lost mid-call, or this client's
+/// own timeout) rather than the service deciding it. Such a call may or may
+/// not have taken effect; the service APIs make retrying it safe.
+pub fn replica_failed(err: &Status) -> bool {
+    match err.code() {
+        Code::Unavailable => true,
+        // tonic reports its client-side timeout as CANCELLED …
+        Code::Cancelled => err.message().contains("Timeout expired"),
+        // … and a connection that breaks mid-call as UNKNOWN.
+        Code::Unknown => {
+            err.message().contains("transport error") || err.message().contains("connection")
+        }
+        _ => false,
+    }
+}
+
 /// How a [`Conn`] retries.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -92,17 +109,28 @@ impl Conn {
             .unwrap_or_else(|| s.endpoints[s.next % s.endpoints.len()].clone())
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Status> {
-        let mut s = self.inner.state.lock();
-        if let Some(c) = s.channels.get(addr) {
+    /// The cached channel to `addr`, or a new one to the address it
+    /// resolves to now. Resolution is bounded: a stopped container's or
+    /// pod's name can take the system resolver many seconds to give up on,
+    /// which would stall every call routed there.
+    async fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        if let Some(c) = self.inner.state.lock().channels.get(addr) {
             return Ok(c.clone());
         }
-        let uri = if addr.starts_with("http") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
+        let hostport = addr.trim_start_matches("http://");
+        let ip = match hostport.parse::<std::net::SocketAddr>() {
+            Ok(sa) => sa,
+            Err(_) => tokio::time::timeout(
+                self.inner.opts.connect_timeout * 2,
+                tokio::net::lookup_host(hostport),
+            )
+            .await
+            .map_err(|_| Status::unavailable(format!("resolving {hostport} timed out")))?
+            .map_err(|e| Status::unavailable(format!("cannot resolve {hostport}: {e}")))?
+            .next()
+            .ok_or_else(|| Status::unavailable(format!("{hostport} resolves to no address")))?,
         };
-        let ch = Endpoint::from_shared(uri)
+        let ch = Endpoint::from_shared(format!("http://{ip}"))
             .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
             .connect_timeout(self.inner.opts.connect_timeout)
             .tcp_nodelay(true)
@@ -113,7 +141,11 @@ impl Conn {
             .keep_alive_timeout(Duration::from_millis(500))
             .keep_alive_while_idle(true)
             .connect_lazy();
-        s.channels.insert(addr.to_owned(), ch.clone());
+        self.inner
+            .state
+            .lock()
+            .channels
+            .insert(addr.to_owned(), ch.clone());
         Ok(ch)
     }
 
@@ -127,6 +159,8 @@ impl Conn {
                 s.leader = Some(h);
             }
             None => {
+                // Re-resolve next time: a restarted replica may have moved.
+                s.channels.remove(addr);
                 s.leader = None;
                 if s.endpoints
                     .get(s.next % s.endpoints.len())
@@ -156,16 +190,18 @@ impl Conn {
         let mut backoff = Duration::from_millis(20);
         loop {
             let addr = self.current();
-            let err = match f(self.channel(&addr)?).await {
+            let attempt = match self.channel(&addr).await {
+                Ok(ch) => f(ch).await,
+                Err(e) => Err(e),
+            };
+            let err = match attempt {
                 Ok(v) => {
                     self.inner.state.lock().leader = Some(addr);
                     return Ok(v);
                 }
                 Err(e) => e,
             };
-            // tonic reports its client-side timeout as CANCELLED.
-            let no_answer = err.code() == Code::Cancelled && err.message().contains("Timeout expired");
-            if !(err.code() == Code::Unavailable || no_answer) || Instant::now() >= deadline {
+            if !replica_failed(&err) || Instant::now() >= deadline {
                 return Err(err);
             }
             let hint = proto::leader_hint(&err)

@@ -155,25 +155,36 @@ async fn peer_loop(inner: Arc<GrpcInner>, to: u64, mut rx: mpsc::Receiver<RaftEn
             inner.stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let uri = if addr.starts_with("http") {
-            addr.clone()
-        } else {
-            format!("http://{addr}")
+        // Resolve with a bound: the system resolver can take many seconds
+        // to give up on the name of a peer that is down, and this loop must
+        // come back to a restarted peer promptly.
+        let hostport = addr.trim_start_matches("http://").to_owned();
+        let resolved = match hostport.parse::<std::net::SocketAddr>() {
+            Ok(sa) => Ok(sa),
+            Err(_) => match tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::lookup_host(hostport.clone()),
+            )
+            .await
+            {
+                Ok(Ok(mut it)) => it.next().ok_or_else(|| "no address".to_owned()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("resolution timed out".to_owned()),
+            },
         };
-        let channel = match tonic::transport::Endpoint::from_shared(uri) {
-            Ok(ep) => {
-                ep.connect_timeout(Duration::from_millis(500))
+        let channel = match resolved {
+            Ok(sa) => match tonic::transport::Endpoint::from_shared(format!("http://{sa}")) {
+                Ok(ep) => ep
+                    .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(5))
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(Duration::from_secs(2))
                     .connect()
                     .await
-            }
-            Err(e) => {
-                tracing::error!(peer = to, %addr, error = %e, "bad peer address");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(format!("resolving {hostport}: {e}")),
         };
         let channel = match channel {
             Ok(c) => c,

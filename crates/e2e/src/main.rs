@@ -92,12 +92,20 @@ async fn main() {
     }
 }
 
-async fn load(endpoints: Vec<String>, seconds: u64, workers: usize, markers: usize) -> Result<bool, String> {
+async fn load(
+    endpoints: Vec<String>,
+    seconds: u64,
+    workers: usize,
+    markers: usize,
+) -> Result<bool, String> {
     let client = LockClient::with_options(endpoints.clone(), opts()).map_err(|e| e.to_string())?;
     // Wait for the cluster (the orchestrator starts us right after it).
     let deadline = Instant::now() + Duration::from_secs(60);
     let marker_session = loop {
-        match client.open_session(Duration::from_secs(20), "e2e-markers").await {
+        match client
+            .open_session(Duration::from_secs(20), "e2e-markers")
+            .await
+        {
             Ok(s) => break s,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("waiting for the cluster: {}", e.message());
@@ -124,8 +132,12 @@ async fn load(endpoints: Vec<String>, seconds: u64, workers: usize, markers: usi
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
             let c = LockClient::with_options(endpoints.clone(), opts()).expect("endpoints");
-            let (history, grants_wall, register, stop) =
-                (history.clone(), grants_wall.clone(), register.clone(), stop.clone());
+            let (history, grants_wall, register, stop) = (
+                history.clone(),
+                grants_wall.clone(),
+                register.clone(),
+                stop.clone(),
+            );
             tokio::spawn(async move {
                 let mut session = None;
                 // Bounded by time and by count.
@@ -133,8 +145,14 @@ async fn load(endpoints: Vec<String>, seconds: u64, workers: usize, markers: usi
                     if Instant::now() >= end || stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    if session.as_ref().is_none_or(|s: &dsync_client::Session| s.is_lost()) {
-                        match c.open_session(Duration::from_secs(10), &format!("e2e-worker-{w}")).await {
+                    if session
+                        .as_ref()
+                        .is_none_or(|s: &dsync_client::Session| s.is_lost())
+                    {
+                        match c
+                            .open_session(Duration::from_secs(10), &format!("e2e-worker-{w}"))
+                            .await
+                        {
                             Ok(s) => session = Some(s),
                             Err(_) => {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -148,7 +166,15 @@ async fn load(endpoints: Vec<String>, seconds: u64, workers: usize, markers: usi
                         .await
                     {
                         Ok(g) => g,
-                        Err(_) => continue,
+                        Err(e) => {
+                            eprintln!(
+                                "{} worker {w}: acquire: {:?} {}",
+                                wall_ms(),
+                                e.code(),
+                                e.message()
+                            );
+                            continue;
+                        }
                     };
                     let from = Instant::now();
                     grants_wall.lock().push(wall_ms());
@@ -170,7 +196,14 @@ async fn load(endpoints: Vec<String>, seconds: u64, workers: usize, markers: usi
                         from,
                         to,
                     });
-                    let _ = g.release().await;
+                    if let Err(e) = g.release().await {
+                        eprintln!(
+                            "{} worker {w}: release: {:?} {}",
+                            wall_ms(),
+                            e.code(),
+                            e.message()
+                        );
+                    }
                 }
             })
         })
@@ -208,7 +241,11 @@ async fn load(endpoints: Vec<String>, seconds: u64, workers: usize, markers: usi
     println!("max_gap_ms={max_gap}");
     println!(
         "grant_times_ms={}",
-        walls.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+        walls
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     );
 
     // Nothing acknowledged was lost: every marker is still held by its session.

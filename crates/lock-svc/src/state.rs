@@ -566,16 +566,35 @@ impl LockState {
                 "give a lock_id or a resource to release",
             );
         } else {
-            match self
-                .resources
-                .get(resource)
-                .and_then(|r| r.holders.values().find(|h| h.session == sid))
-            {
-                Some(h) => h.lock_id,
-                None => {
+            // By resource, a release also withdraws this session's wait for
+            // it: a client that gave up on an acquire cleans up either way.
+            let res = self.resources.get(resource);
+            let wait = res.and_then(|r| {
+                r.queue
+                    .iter()
+                    .find(|w| w.session == sid && w.upgrade_of.is_none())
+            });
+            let held = res.and_then(|r| r.holders.values().find(|h| h.session == sid));
+            match (held.map(|h| h.lock_id), wait.map(|w| w.id)) {
+                (held, Some(w)) => {
+                    self.abort_waiter(
+                        w,
+                        err(
+                            ErrorCode::FailedPrecondition,
+                            format!("wait withdrawn: session {sid} released '{resource}'"),
+                        ),
+                        events,
+                    );
+                    if let Some(l) = held {
+                        self.drop_lock(l, events);
+                    }
+                    return counts(usize::from(held.is_some()), 1);
+                }
+                (Some(l), None) => l,
+                (None, None) => {
                     return err(
                         ErrorCode::FailedPrecondition,
-                        format!("session {sid} does not hold '{resource}'"),
+                        format!("session {sid} neither holds nor waits for '{resource}'"),
                     )
                 }
             }

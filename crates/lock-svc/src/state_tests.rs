@@ -498,3 +498,31 @@ fn close_session_releases_and_list_is_paged_in_lock_order() {
     assert!(matches!(o.result, Some(Res::Counts(ref n)) if n.released == 5));
     assert!(t.s.resources.is_empty() && t.s.locks.is_empty());
 }
+
+#[test]
+fn release_by_resource_withdraws_a_wait_of_an_abandoned_acquire() {
+    let mut t = T::new();
+    let a = t.session(10_000);
+    let b = t.session(10_000);
+    let (l, _) = lock_of(&t.acquire(a, "r", X, 0));
+    let w = waiter_of(&t.acquire(b, "r", X, 30_000));
+    let o = t.run(Cmd::Release(c::Release {
+        session_id: b,
+        lock_id: 0,
+        resource: "r".into(),
+    }));
+    assert!(matches!(o.result, Some(Res::Counts(ref n)) if n.cancelled == 1 && n.released == 0));
+    assert_eq!(
+        code_of(&t.take_event(w).unwrap()).0,
+        ErrorCode::FailedPrecondition
+    );
+    assert!(t.s.resources["r"].queue.is_empty());
+    // Nothing held or awaited: a precise error.
+    let o = t.run(Cmd::Release(c::Release {
+        session_id: b,
+        lock_id: 0,
+        resource: "r".into(),
+    }));
+    assert_eq!(code_of(&o).0, ErrorCode::FailedPrecondition);
+    t.release(a, l);
+}

@@ -24,6 +24,9 @@ struct Cli {
         default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
     )]
     endpoints: Vec<String>,
+    /// Keep retrying across elections and unreachable replicas this long.
+    #[arg(long, env = "DSYNC_RETRY_MS", default_value_t = 10_000)]
+    retry_ms: u64,
     #[command(subcommand)]
     cmd: Top,
 }
@@ -150,17 +153,27 @@ fn mode_name(m: i32) -> &'static str {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
-        eprintln!("error: {} ({:?})", e.message(), e.code());
-        std::process::exit(1);
-    }
+    let code = match run(cli).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {} ({:?})", e.message(), e.code());
+            1
+        }
+    };
+    // Exit now rather than wait for a name lookup still running in the
+    // background (an unreachable replica's name can take seconds to fail).
+    std::process::exit(code);
 }
 
 async fn run(cli: Cli) -> Result<(), Status> {
+    let opts = dsync_client::Options {
+        retry_for: Duration::from_millis(cli.retry_ms),
+        ..Default::default()
+    };
     if let Top::Cluster { cmd } = cli.cmd {
-        return cluster(&cli.endpoints, cmd).await;
+        return cluster(&cli.endpoints, opts, cmd).await;
     }
-    let client = LockClient::connect(cli.endpoints)?;
+    let client = LockClient::with_options(cli.endpoints, opts)?;
     match cli.cmd {
         Top::Lock { cmd } => lock(&client, cmd).await,
         Top::Session { cmd } => session(&client, cmd).await,
@@ -179,7 +192,11 @@ fn role_name(r: i32) -> &'static str {
     }
 }
 
-async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
+async fn cluster(
+    endpoints: &[String],
+    opts: dsync_client::Options,
+    cmd: ClusterCmd,
+) -> Result<(), Status> {
     use proto::admin::v1::admin_client::AdminClient;
     use proto::admin::v1::*;
     match cmd {
@@ -225,7 +242,14 @@ async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
                         let members: Vec<String> = r
                             .members
                             .iter()
-                            .map(|m| format!("{}{}={}", m.node_id, if m.voter { "" } else { "(learner)" }, m.addr))
+                            .map(|m| {
+                                format!(
+                                    "{}{}={}",
+                                    m.node_id,
+                                    if m.voter { "" } else { "(learner)" },
+                                    m.addr
+                                )
+                            })
                             .collect();
                         for g in &r.groups {
                             println!(
@@ -256,8 +280,7 @@ async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
             addr,
             learner,
         } => {
-            let conn =
-                dsync_client::Conn::new(endpoints.to_vec(), dsync_client::Options::default())?;
+            let conn = dsync_client::Conn::new(endpoints.to_vec(), opts.clone())?;
             let r = conn
                 .call(|ch| {
                     let req = AddMemberRequest {
@@ -278,8 +301,7 @@ async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
             );
         }
         ClusterCmd::RemoveMember { node_id } => {
-            let conn =
-                dsync_client::Conn::new(endpoints.to_vec(), dsync_client::Options::default())?;
+            let conn = dsync_client::Conn::new(endpoints.to_vec(), opts.clone())?;
             let r = conn
                 .call(|ch| async move {
                     AdminClient::new(ch)
@@ -297,8 +319,7 @@ async fn cluster(endpoints: &[String], cmd: ClusterCmd) -> Result<(), Status> {
             );
         }
         ClusterCmd::TransferLeader { node_id } => {
-            let conn =
-                dsync_client::Conn::new(endpoints.to_vec(), dsync_client::Options::default())?;
+            let conn = dsync_client::Conn::new(endpoints.to_vec(), opts.clone())?;
             conn.call(|ch| async move {
                 AdminClient::new(ch)
                     .transfer_leader(TransferLeaderRequest {
