@@ -182,15 +182,15 @@ fn bench(args: &[String]) -> Result {
     run(c)
 }
 
-/// The services `up` starts: (binary, first port). Three replicas each, on
-/// consecutive ports. A new service is one line here.
-const SERVICES: &[(&str, u16)] = &[("lock-svc", 7001)];
+/// The services `up` starts: (binary, first gRPC port, first metrics port).
+/// Three replicas each, on consecutive ports. A new service is one line.
+const SERVICES: &[(&str, u16, u16)] = &[("lock-svc", 7001, 9101)];
 
 fn up(args: &[String]) -> Result {
     let data = root().join(args.first().map(String::as_str).unwrap_or("data"));
     let mut build = cargo();
     build.args(["build", "--release", "-p", "client"]);
-    for (bin, _) in SERVICES {
+    for (bin, _, _) in SERVICES {
         build.args(["-p", bin]);
     }
     run(build)?;
@@ -198,7 +198,7 @@ fn up(args: &[String]) -> Result {
         .map(PathBuf::from)
         .unwrap_or_else(|_| root().join("target"));
     let mut children = Vec::new();
-    for (bin, base) in SERVICES {
+    for (bin, base, metrics) in SERVICES {
         let peers: Vec<String> = (1..=3u16)
             .map(|i| format!("{i}=127.0.0.1:{}", base + i - 1))
             .collect();
@@ -206,6 +206,10 @@ fn up(args: &[String]) -> Result {
             let child = Command::new(target.join("release").join(bin))
                 .env("DSYNC_NODE_ID", i.to_string())
                 .env("DSYNC_LISTEN", format!("127.0.0.1:{}", base + i - 1))
+                .env(
+                    "DSYNC_METRICS_LISTEN",
+                    format!("127.0.0.1:{}", metrics + i - 1),
+                )
                 .env("DSYNC_PEERS", peers.join(","))
                 .env("DSYNC_DATA_DIR", data.join(bin).join(format!("n{i}")))
                 .spawn()
@@ -213,8 +217,9 @@ fn up(args: &[String]) -> Result {
             children.push(child);
         }
         println!(
-            "{bin}: three replicas on 127.0.0.1:{base}..={} (data in {})",
+            "{bin}: three replicas on 127.0.0.1:{base}..={} (metrics on :{metrics}..={}, data in {})",
             base + 2,
+            metrics + 2,
             data.join(bin).display()
         );
     }
@@ -222,7 +227,8 @@ fn up(args: &[String]) -> Result {
         "\nTry it (the dsync CLI defaults to these endpoints):\n  \
          target/release/dsync lock acquire orders/42 --mode exclusive\n  \
          target/release/dsync lock status orders/42\n  \
-         target/release/dsync session list\n\
+         target/release/dsync session list\n  \
+         target/release/dsync cluster status\n\
          Ctrl-C stops the cluster (the replicas get SIGINT and shut down cleanly)."
     );
     let mut failed = false;
