@@ -109,12 +109,7 @@ impl Bench {
 async fn main() {
     let args = Args::parse();
     let factory: SmFactory = Arc::new(|_, _| Box::new(CountingSm::default()));
-    let listeners = bind_local(3).await.unwrap();
-    let peers: HashMap<u64, String> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
-        .collect();
+    let (listeners, peers) = bind_local(3).await.unwrap();
     let mut bench = Bench {
         dir: tempfile::tempdir().unwrap(),
         peers: peers.clone(),

@@ -519,13 +519,19 @@ pub struct GrpcNode {
     close: tokio::sync::watch::Sender<bool>,
 }
 
-/// Binds `n` listeners on 127.0.0.1 ephemeral ports.
-pub async fn bind_local(n: usize) -> std::io::Result<Vec<tokio::net::TcpListener>> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+/// Binds `n` listeners on 127.0.0.1 ephemeral ports, for nodes 1..=n, and
+/// returns them with the address map (node id → host:port) peers use.
+pub async fn bind_local(
+    n: usize,
+) -> std::io::Result<(Vec<tokio::net::TcpListener>, HashMap<u64, String>)> {
+    let mut listeners = Vec::with_capacity(n);
+    let mut addrs = HashMap::with_capacity(n);
+    for id in 1..=n as u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        addrs.insert(id, l.local_addr()?.to_string());
+        listeners.push(l);
     }
-    Ok(out)
+    Ok((listeners, addrs))
 }
 
 impl GrpcNode {

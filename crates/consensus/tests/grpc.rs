@@ -31,12 +31,7 @@ async fn three_nodes_over_loopback_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let rec = Recorders::default();
     let factory = rec.factory();
-    let listeners = bind_local(3).await.unwrap();
-    let peers: HashMap<u64, String> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
-        .collect();
+    let (listeners, peers) = bind_local(3).await.unwrap();
     let mut nodes = HashMap::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;

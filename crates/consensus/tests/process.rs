@@ -139,12 +139,8 @@ async fn read_all(addr: &str) -> Vec<(u64, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_append() {
-    let listeners = consensus::testkit::bind_local(3).await.unwrap();
-    let addrs: HashMap<u64, String> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
-        .collect();
+    // The processes bind these ports themselves once the listeners close.
+    let (listeners, addrs) = consensus::testkit::bind_local(3).await.unwrap();
     drop(listeners);
     let mut cluster = Cluster {
         dir: tempfile::tempdir().unwrap(),

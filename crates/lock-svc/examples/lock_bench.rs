@@ -42,12 +42,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 async fn main() {
     let args = Args::parse();
     let dir = tempfile::tempdir().unwrap();
-    let listeners = bind_local(3).await.unwrap();
-    let addrs: HashMap<u64, String> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
-        .collect();
+    let (listeners, addrs) = bind_local(3).await.unwrap();
     let mut servers = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;

@@ -16,6 +16,19 @@ impl Drop for Procs {
     }
 }
 
+/// Starts replica `i` (0-based) configured only by environment variables.
+fn spawn_replica(i: usize, port: u16, peers: &[String], dir: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_lock-svc"))
+        .env("DSYNC_NODE_ID", (i + 1).to_string())
+        .env("DSYNC_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DSYNC_PEERS", peers.join(","))
+        .env("DSYNC_DATA_DIR", dir.join(format!("n{}", i + 1)))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// The `dsync` binary next to this test's `lock-svc` binary.
 fn dsync_bin() -> std::path::PathBuf {
     let lock = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lock-svc"));
@@ -64,17 +77,8 @@ fn lock_svc_processes_form_a_cluster_usable_from_the_cli() {
     let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let endpoints = endpoints.join(",");
     let mut procs = Procs(Vec::new());
-    for (i, p) in ports.iter().enumerate() {
-        let child = Command::new(env!("CARGO_BIN_EXE_lock-svc"))
-            .env("DSYNC_NODE_ID", (i + 1).to_string())
-            .env("DSYNC_LISTEN", format!("127.0.0.1:{p}"))
-            .env("DSYNC_PEERS", peers.join(","))
-            .env("DSYNC_DATA_DIR", dir.path().join(format!("n{}", i + 1)))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        procs.0.push(child);
+    for (i, &p) in ports.iter().enumerate() {
+        procs.0.push(spawn_replica(i, p, &peers, dir.path()));
     }
     // Wait until the cluster answers (a leader exists).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -145,16 +149,7 @@ fn lock_svc_processes_form_a_cluster_usable_from_the_cli() {
             "replica {} exited {status:?} on SIGTERM",
             i + 1
         );
-        let child = Command::new(env!("CARGO_BIN_EXE_lock-svc"))
-            .env("DSYNC_NODE_ID", (i + 1).to_string())
-            .env("DSYNC_LISTEN", format!("127.0.0.1:{p}"))
-            .env("DSYNC_PEERS", peers.join(","))
-            .env("DSYNC_DATA_DIR", dir.path().join(format!("n{}", i + 1)))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        procs.0[i] = child;
+        procs.0[i] = spawn_replica(i, p, &peers, dir.path());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let (ok, out) = dsync(&endpoints, &["lock", "status", "orders/1"]);

@@ -25,12 +25,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
-        let listeners = bind_local(3).await.unwrap();
-        let addrs: HashMap<u64, String> = listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
-            .collect();
+        let (listeners, addrs) = bind_local(3).await.unwrap();
         let mut c = Self {
             dir: tempfile::tempdir().unwrap(),
             addrs,

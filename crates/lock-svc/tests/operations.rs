@@ -21,12 +21,7 @@ async fn cluster(
     tweak: impl Fn(&mut LockConfig),
 ) -> (tempfile::TempDir, HashMap<u64, String>, Vec<LockServer>) {
     let dir = tempfile::tempdir().unwrap();
-    let listeners = bind_local(n as usize).await.unwrap();
-    let addrs: HashMap<u64, String> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
-        .collect();
+    let (listeners, addrs) = bind_local(n as usize).await.unwrap();
     let mut servers = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;

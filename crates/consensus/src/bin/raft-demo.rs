@@ -16,8 +16,8 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 
 use consensus::grpc_status::to_status;
-use consensus::{Config, GroupHandle, GrpcTransport, Node, RaftTransportService, StateMachine};
-use parking_lot::RwLock;
+use consensus::testkit::RecordingSm;
+use consensus::{Config, GroupHandle, GrpcTransport, Node, RaftTransportService};
 use proto::demo::v1::replicated_log_server::{ReplicatedLog, ReplicatedLogServer};
 use proto::demo::v1::{
     AppendRequest, AppendResponse, ReadRequest, ReadResponse, Record, StatusRequest, StatusResponse,
@@ -26,56 +26,11 @@ use tonic::{Request, Response, Status};
 
 const GROUP: u64 = 1;
 
-type Records = Arc<RwLock<Vec<Record>>>;
-
-/// The state machine: records in commit order.
-struct LogSm {
-    records: Records,
-}
-
-impl StateMachine for LogSm {
-    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
-        self.records.write().push(Record {
-            index,
-            data: command.to_vec(),
-        });
-        index.to_be_bytes().to_vec()
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        let recs = self.records.read();
-        let mut out = Vec::new();
-        for r in recs.iter() {
-            out.extend_from_slice(&r.index.to_be_bytes());
-            out.extend_from_slice(&(r.data.len() as u32).to_be_bytes());
-            out.extend_from_slice(&r.data);
-        }
-        out
-    }
-
-    fn restore(&mut self, _index: u64, mut data: &[u8]) -> Result<(), String> {
-        let mut recs = Vec::new();
-        while !data.is_empty() {
-            if data.len() < 12 {
-                return Err("truncated snapshot".into());
-            }
-            let index = u64::from_be_bytes(data[..8].try_into().expect("8 bytes"));
-            let n = u32::from_be_bytes(data[8..12].try_into().expect("4 bytes")) as usize;
-            let body = data.get(12..12 + n).ok_or("truncated snapshot")?;
-            recs.push(Record {
-                index,
-                data: body.to_vec(),
-            });
-            data = &data[12 + n..];
-        }
-        *self.records.write() = recs;
-        Ok(())
-    }
-}
-
+/// The state machine is `testkit::RecordingSm`: it records (index, data)
+/// in commit order, which is exactly a replicated log.
 struct LogService {
     group: GroupHandle,
-    records: Records,
+    log: RecordingSm,
 }
 
 #[tonic::async_trait]
@@ -108,11 +63,11 @@ impl ReplicatedLog for LogService {
             .await
             .map_err(|e| to_status(&e, GROUP))?;
         let records = self
-            .records
-            .read()
-            .iter()
-            .filter(|r| r.index >= from)
-            .cloned()
+            .log
+            .entries()
+            .into_iter()
+            .filter(|(index, _)| *index >= from)
+            .map(|(index, data)| Record { index, data })
             .collect();
         Ok(Response::new(ReadResponse {
             records,
@@ -167,19 +122,13 @@ async fn run_node(args: &[String]) -> Result<(), String> {
     let transport = GrpcTransport::new(id, peers);
     let node =
         Node::open(Config::new(id, &data_dir), Arc::new(transport)).map_err(|e| e.to_string())?;
-    let records: Records = Arc::default();
+    let log = RecordingSm::default();
     let group = node
-        .start_group(
-            GROUP,
-            &voters,
-            Box::new(LogSm {
-                records: records.clone(),
-            }),
-        )
+        .start_group(GROUP, &voters, Box::new(log.clone()))
         .map_err(|e| e.to_string())?;
     let (close, closed) = tokio::sync::watch::channel(false);
     let raft = RaftTransportService::new(Arc::new(node.clone()), closed.clone());
-    let log = LogService { group, records };
+    let log = LogService { group, log };
     tracing::info!(id, %listen, %data_dir, "raft-demo node serving");
     let mut stop = closed;
     let server = tonic::transport::Server::builder()
