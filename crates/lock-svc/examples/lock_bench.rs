@@ -8,7 +8,6 @@
 //!
 //! Run with `cargo xtask bench lock`.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
