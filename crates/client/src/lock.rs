@@ -334,7 +334,27 @@ impl Session {
         mode: LockMode,
         wait: Option<Duration>,
     ) -> Result<LockGuard, Status> {
-        let r = self.client.acquire(self.id, resource, mode, wait).await?;
+        let r = match self.client.acquire(self.id, resource, mode, wait).await {
+            Ok(r) => r,
+            Err(e) => {
+                // No verdict (replicas unreachable, the wait's cancellation
+                // unconfirmed, the command not known to have committed): the
+                // request may still be queued, or even granted, for this
+                // session. A release by resource cleans up either, so an
+                // abandoned request never holds the lock against others.
+                let unknown = crate::replica_failed(&e)
+                    || (e.code() == Code::DeadlineExceeded
+                        && (e.message().contains("not confirmed")
+                            || e.message().contains("may or may not")));
+                if unknown {
+                    let (c, id, res) = (self.client.clone(), self.id, resource.to_owned());
+                    tokio::spawn(async move {
+                        let _ = c.release(id, 0, &res).await;
+                    });
+                }
+                return Err(e);
+            }
+        };
         Ok(LockGuard {
             client: self.client.clone(),
             session_id: self.id,
