@@ -41,8 +41,19 @@ fn unreachable_replicas_fail_with_a_message() {
     let ep = format!("127.0.0.1:{port}");
     let (code, out) = dsync(&["--endpoints", &ep, "cluster", "status"]);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("unreachable") && out.contains("no replica answered"), "{out}");
-    let (code, out) = dsync(&["--endpoints", &ep, "--retry-ms", "300", "lock", "status", "x"]);
+    assert!(
+        out.contains("unreachable") && out.contains("no replica answered"),
+        "{out}"
+    );
+    let (code, out) = dsync(&[
+        "--endpoints",
+        &ep,
+        "--retry-ms",
+        "300",
+        "lock",
+        "status",
+        "x",
+    ]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("Unavailable"), "{out}");
 }
