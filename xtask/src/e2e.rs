@@ -24,6 +24,15 @@ use crate::Result;
 const REPLICAS: usize = 3;
 const PORT: u16 = 7001;
 
+/// One replica's line of `dsync cluster status`.
+#[derive(Debug)]
+struct Row {
+    node: usize,
+    role: String,
+    commit: u64,
+    applied: u64,
+}
+
 struct Env {
     net: String,
     prefix: String,
@@ -125,7 +134,7 @@ impl Env {
 
     /// `dsync cluster status` from inside replica `via`, as (node id, role)
     /// rows of the replicas it reached.
-    fn status(&self, via: usize) -> Vec<(usize, String, String)> {
+    fn status(&self, via: usize) -> Vec<Row> {
         let out = docker(&[
             "exec",
             &self.container(via),
@@ -139,11 +148,14 @@ impl Env {
         out.lines()
             .skip(1)
             .filter_map(|l| {
+                // replica node role group term leader commit applied last …
                 let cols: Vec<&str> = l.split_whitespace().collect();
-                let node: usize = cols.get(1)?.parse().ok()?;
-                let role = cols.get(2)?.to_string();
-                let commit = cols.get(6)?.to_string();
-                Some((node, role, commit))
+                Some(Row {
+                    node: cols.get(1)?.parse().ok()?,
+                    role: cols.get(2)?.to_string(),
+                    commit: cols.get(6)?.parse().ok()?,
+                    applied: cols.get(7)?.parse().ok()?,
+                })
             })
             .collect()
     }
@@ -152,10 +164,8 @@ impl Env {
         let deadline = Instant::now() + within;
         loop {
             for &v in via {
-                if let Some((node, _, _)) =
-                    self.status(v).into_iter().find(|(_, r, _)| r == "leader")
-                {
-                    return Ok(node - 1);
+                if let Some(r) = self.status(v).into_iter().find(|r| r.role == "leader") {
+                    return Ok(r.node - 1);
                 }
             }
             if Instant::now() > deadline {
@@ -268,6 +278,14 @@ fn scenario(env: &Env, seconds: u64) -> Result {
         String::from_utf8_lossy(&refused.stderr).trim()
     ));
     std::thread::sleep(Duration::from_secs(2));
+    let committed_while_cut = env
+        .status(new)
+        .into_iter()
+        .find(|r| r.node == new + 1)
+        .map_or(0, |r| r.commit);
+    if committed_while_cut == 0 {
+        return Err(format!("could not read {}'s commit index", env.pod(new)));
+    }
     let pod = env.pod(old);
     docker(&[
         "network",
@@ -278,15 +296,18 @@ fn scenario(env: &Env, seconds: u64) -> Result {
         &env.container(old),
     ])?;
     say(format!("reconnected {}", env.pod(old)));
-    // Converges: every replica reports the same commit index at some point.
+    // Converges: it follows the new leader and applies everything the
+    // majority had committed while it was cut off.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let st = env.status(old);
-        let commits: Vec<&String> = st.iter().map(|(_, _, c)| c).collect();
-        if st.len() == REPLICAS && commits.windows(2).all(|w| w[0] == w[1])
-            || st.len() == REPLICAS && st.iter().any(|(n, r, _)| *n == old + 1 && r == "follower")
-        {
-            say(format!("{} rejoined as a follower", env.pod(old)));
+        let me = st.iter().find(|r| r.node == old + 1);
+        if me.is_some_and(|r| r.role == "follower" && r.applied >= committed_while_cut) {
+            say(format!(
+                "{} rejoined as a follower and applied up to {} (the commit index reached while it was cut off)",
+                env.pod(old),
+                committed_while_cut
+            ));
             break;
         }
         if Instant::now() > deadline {
