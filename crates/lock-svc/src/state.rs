@@ -882,34 +882,26 @@ impl LockState {
     /// Finds and breaks every wait-for cycle (the periodic scan).
     pub fn scan_deadlocks(&mut self, events: &mut Vec<Event>) -> usize {
         let mut broken = 0;
-        loop {
-            let waiting: BTreeSet<u64> = self
-                .sessions
-                .values()
-                .filter(|s| !s.waits.is_empty())
-                .map(|s| s.id)
-                .collect();
-            let Some(cycle) = waiting.iter().find_map(|&s| self.find_cycle(s)) else {
-                return broken;
-            };
+        while let Some(cycle) = self.find_any_cycle() {
             let (victim, message) = self.describe_cycle(&cycle);
             self.stats.deadlocks += 1;
             self.abort_waiter(victim, err(ErrorCode::Deadlock, message), events);
             broken += 1;
         }
+        broken
     }
 
-    /// Wait-for edges of session `sid`: (blocking session, waiter id, resource).
-    fn edges(&self, sid: u64) -> Vec<(u64, u64, String)> {
+    /// Wait-for edges of session `sid`, as (blocking session, the wait of
+    /// `sid` that is blocked).
+    fn edges(&self, sid: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         let Some(s) = self.sessions.get(&sid) else {
             return out;
         };
         for w in &s.waits {
-            let Some(resource) = self.waiters.get(w) else {
+            let Some(res) = self.waiters.get(w).and_then(|r| self.resources.get(r)) else {
                 continue;
             };
-            let res = &self.resources[resource];
             let Some(pos) = res.queue.iter().position(|q| q.id == *w) else {
                 continue;
             };
@@ -921,12 +913,12 @@ impl LockState {
                     !me.mode.compatible(h.mode)
                 };
                 if blocks && h.session != sid {
-                    out.push((h.session, *w, resource.clone()));
+                    out.push((h.session, *w));
                 }
             }
             for ahead in res.queue.iter().take(pos) {
                 if ahead.session != sid && !me.mode.compatible(ahead.mode) {
-                    out.push((ahead.session, *w, resource.clone()));
+                    out.push((ahead.session, *w));
                 }
             }
         }
@@ -934,43 +926,91 @@ impl LockState {
     }
 
     /// A cycle through `start` in the wait-for graph, as (session, the wait
-    /// by which it waits for the next, resource) steps.
-    fn find_cycle(&self, start: u64) -> Option<Vec<(u64, u64, String)>> {
-        let mut path: Vec<(u64, u64, String)> = Vec::new();
-        let mut visited = BTreeSet::new();
-        self.dfs(start, start, &mut path, &mut visited)
-            .then_some(path)
+    /// by which it waits for the next session) steps. Used when `start`
+    /// queues a new wait: only a cycle through it can be new.
+    fn find_cycle(&self, start: u64) -> Option<Vec<(u64, u64)>> {
+        let mut seen = std::collections::HashSet::new();
+        self.search(start, &mut seen, |next, _| next == start)
     }
 
-    fn dfs(
-        &self,
-        node: u64,
-        start: u64,
-        path: &mut Vec<(u64, u64, String)>,
-        visited: &mut BTreeSet<u64>,
-    ) -> bool {
-        if !visited.insert(node) {
-            return false;
-        }
-        for (next, wait, resource) in self.edges(node) {
-            path.push((node, wait, resource));
-            if next == start || self.dfs(next, start, path, visited) {
-                return true;
+    /// Any cycle in the wait-for graph, found in one depth-first pass over
+    /// every waiting session (each visited once: linear in the graph, where
+    /// a search from every session would be quadratic).
+    fn find_any_cycle(&self) -> Option<Vec<(u64, u64)>> {
+        let mut seen = std::collections::HashSet::new();
+        let waiting: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| !s.waits.is_empty())
+            .map(|s| s.id)
+            .collect();
+        for start in waiting {
+            if seen.contains(&start) {
+                continue;
             }
-            path.pop();
+            // A session on the current path closes a cycle.
+            if let Some(c) = self.search(start, &mut seen, |next, path| {
+                path.iter().any(|(s, _)| *s == next)
+            }) {
+                return Some(c);
+            }
         }
-        false
+        None
+    }
+
+    /// Iterative depth-first search from `start` (no recursion: a chain of
+    /// waits may be as long as the number of sessions). `closes(next, path)`
+    /// says whether following an edge to `next` closes a cycle; the cycle is
+    /// returned from `next` onward. Sessions in `seen` are not entered
+    /// again; deterministic, as sessions and edges come in id order.
+    fn search(
+        &self,
+        start: u64,
+        seen: &mut std::collections::HashSet<u64>,
+        closes: impl Fn(u64, &[(u64, u64)]) -> bool,
+    ) -> Option<Vec<(u64, u64)>> {
+        // The path so far, and for each session on it the edges left to try.
+        let mut path: Vec<(u64, u64)> = Vec::new();
+        let mut stack: Vec<(u64, std::vec::IntoIter<(u64, u64)>)> = Vec::new();
+        seen.insert(start);
+        stack.push((start, self.edges(start).into_iter()));
+        while let Some((node, edges)) = stack.last_mut() {
+            let node = *node;
+            match edges.next() {
+                Some((next, wait)) => {
+                    path.push((node, wait));
+                    if closes(next, &path) {
+                        let from = path.iter().position(|(s, _)| *s == next).unwrap_or(0);
+                        return Some(path.split_off(from));
+                    }
+                    if seen.insert(next) {
+                        stack.push((next, self.edges(next).into_iter()));
+                    } else {
+                        path.pop();
+                    }
+                }
+                None => {
+                    stack.pop();
+                    path.pop();
+                }
+            }
+        }
+        None
     }
 
     /// The victim (youngest wait in the cycle) and a message naming it.
-    fn describe_cycle(&self, cycle: &[(u64, u64, String)]) -> (u64, String) {
-        let victim = cycle.iter().max_by_key(|(_, w, _)| *w).expect("non-empty");
+    fn describe_cycle(&self, cycle: &[(u64, u64)]) -> (u64, String) {
+        let resource = |w: &u64| self.waiters.get(w).map_or("?", String::as_str);
+        let victim = cycle.iter().max_by_key(|(_, w)| *w).expect("non-empty");
         let steps: Vec<String> = cycle
             .iter()
             .enumerate()
-            .map(|(i, (s, _, r))| {
+            .map(|(i, (s, w))| {
                 let next = cycle[(i + 1) % cycle.len()].0;
-                format!("session {s} waits for '{r}' held or awaited by session {next}")
+                format!(
+                    "session {s} waits for '{}' held or awaited by session {next}",
+                    resource(w)
+                )
             })
             .collect();
         let message = format!(
@@ -978,7 +1018,7 @@ impl LockState {
             steps.join(", "),
             victim.1,
             victim.0,
-            victim.2
+            resource(&victim.1)
         );
         (victim.1, message)
     }

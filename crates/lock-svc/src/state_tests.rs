@@ -526,3 +526,29 @@ fn release_by_resource_withdraws_a_wait_of_an_abandoned_acquire() {
     assert_eq!(code_of(&o).0, ErrorCode::FailedPrecondition);
     t.release(a, l);
 }
+
+#[test]
+fn long_wait_chains_are_searched_without_recursion() {
+    // 2000 sessions, each holding r{i} and waiting for r{i+1}: a chain the
+    // depth-first searches walk end to end (iteratively; a recursive walk
+    // of a chain as long as the session limit could overflow the stack).
+    let n = 2000;
+    let mut t = T::new();
+    let s: Vec<u64> = (0..n).map(|_| t.session(60_000)).collect();
+    for (i, &sid) in s.iter().enumerate() {
+        lock_of(&t.acquire(sid, &format!("r{i}"), X, 0));
+    }
+    for (i, &sid) in s.iter().enumerate().take(n - 1) {
+        waiter_of(&t.acquire(sid, &format!("r{}", i + 1), X, 30_000));
+    }
+    // The periodic scan finds no cycle in a chain.
+    let mut events = Vec::new();
+    assert_eq!(t.s.scan_deadlocks(&mut events), 0);
+    // Closing the chain into a ring is refused as a deadlock naming it.
+    let (code, msg) = code_of(&t.acquire(s[n - 1], "r0", X, 30_000));
+    assert_eq!(code, ErrorCode::Deadlock);
+    assert!(
+        msg.contains(&format!("session {}", s[0]))
+            && msg.contains(&format!("session {}", s[n - 1]))
+    );
+}
