@@ -135,34 +135,32 @@ fn configmap(s: &Service) -> String {
 }
 
 fn headless(s: &Service) -> String {
-    format!(
-        "{}spec:\n  \
-           clusterIP: None\n  \
-           # Replicas must reach each other to elect a leader before any is ready.\n  \
-           publishNotReadyAddresses: true\n  \
-           selector:\n    \
-             app.kubernetes.io/name: {name}\n  \
-           ports:\n    \
-             - name: grpc\n      \
-               port: {port}\n      \
-               targetPort: grpc\n",
-        header(s, "Service-headless"),
-        name = s.name,
-        port = s.port,
+    service(
+        s,
+        "Service-headless",
+        "clusterIP: None\n  \
+         # Replicas must reach each other to elect a leader before any is ready.\n  \
+         publishNotReadyAddresses: true",
     )
 }
 
 fn client_service(s: &Service) -> String {
+    service(s, "Service", "type: ClusterIP")
+}
+
+/// A Service selecting the service's pods on its gRPC port; `spec` is the
+/// part that differs between the headless and the client Service.
+fn service(s: &Service, kind: &str, spec: &str) -> String {
     format!(
         "{}spec:\n  \
-           type: ClusterIP\n  \
+           {spec}\n  \
            selector:\n    \
              app.kubernetes.io/name: {name}\n  \
            ports:\n    \
              - name: grpc\n      \
                port: {port}\n      \
                targetPort: grpc\n",
-        header(s, "Service"),
+        header(s, kind),
         name = s.name,
         port = s.port,
     )

@@ -102,6 +102,25 @@ impl Cluster {
     }
 }
 
+/// An exclusive acquire waiting up to `wait_s` seconds, in the background.
+fn spawn_acquire(
+    client: LockClient,
+    session: u64,
+    resource: &'static str,
+    wait_s: u64,
+) -> tokio::task::JoinHandle<Result<AcquireResponse, tonic::Status>> {
+    tokio::spawn(async move {
+        client
+            .acquire(
+                session,
+                resource,
+                LockMode::Exclusive,
+                Some(Duration::from_secs(wait_s)),
+            )
+            .await
+    })
+}
+
 /// One exclusive holding as the client saw it.
 #[derive(Debug, Clone)]
 struct Held {
@@ -280,17 +299,8 @@ async fn waiter_is_granted_across_leader_changes() {
     let ga = a.acquire("res", LockMode::Exclusive, None).await.unwrap();
 
     // 1. Leadership moves while b waits (b's handler is on the old leader).
-    let bc = b.client().clone();
     let bid = b.id();
-    let waiting = tokio::spawn(async move {
-        bc.acquire(
-            bid,
-            "res",
-            LockMode::Exclusive,
-            Some(Duration::from_secs(20)),
-        )
-        .await
-    });
+    let waiting = spawn_acquire(b.client().clone(), bid, "res", 20);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let to = (1..=3).find(|&n| n != l).unwrap();
     c.servers[&l].locks.group.transfer_leader(to).await.unwrap();
@@ -308,15 +318,7 @@ async fn waiter_is_granted_across_leader_changes() {
     let ga = a.acquire("res", LockMode::Exclusive, None).await.unwrap();
     let l = c.leader().await;
     let bc = LockClient::connect([c.addrs[&l].clone()].into_iter().chain(c.endpoints())).unwrap();
-    let waiting = tokio::spawn(async move {
-        bc.acquire(
-            bid,
-            "res",
-            LockMode::Exclusive,
-            Some(Duration::from_secs(20)),
-        )
-        .await
-    });
+    let waiting = spawn_acquire(bc, bid, "res", 20);
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.kill(l).await;
     c.leader().await;
@@ -478,17 +480,7 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
         .acquire("d2", LockMode::Exclusive, None)
         .await
         .unwrap();
-    let sc = s.client().clone();
-    let sid2 = s.id();
-    let first = tokio::spawn(async move {
-        sc.acquire(
-            sid2,
-            "d2",
-            LockMode::Exclusive,
-            Some(Duration::from_secs(10)),
-        )
-        .await
-    });
+    let first = spawn_acquire(s.client().clone(), s.id(), "d2", 10);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let e = other
         .acquire("d1", LockMode::Exclusive, Some(Duration::from_secs(10)))
