@@ -163,12 +163,7 @@ impl Locks {
 
     fn check_wait(&self, ms: Option<u64>) -> Result<Duration, Status> {
         let ms = ms.unwrap_or(self.limits.default_wait_ms);
-        if ms > self.limits.max_wait_ms {
-            return Err(Status::invalid_argument(format!(
-                "wait_timeout_ms {ms} exceeds the maximum {}",
-                self.limits.max_wait_ms
-            )));
-        }
+        LockState::check_wait(&self.limits, ms).map_err(Status::invalid_argument)?;
         Ok(Duration::from_millis(ms))
     }
 

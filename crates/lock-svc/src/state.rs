@@ -393,6 +393,17 @@ impl LockState {
         Ok(())
     }
 
+    /// Checks a wait timeout (ms) against the limits.
+    pub fn check_wait(limits: &Limits, ms: u64) -> Result<(), String> {
+        if ms > limits.max_wait_ms {
+            return Err(format!(
+                "wait_timeout_ms {ms} exceeds the maximum {}",
+                limits.max_wait_ms
+            ));
+        }
+        Ok(())
+    }
+
     fn acquire(
         &mut self,
         index: u64,
@@ -408,14 +419,8 @@ impl LockState {
         if let Err(m) = Self::check_resource(&self.limits, &c.resource) {
             return err(ErrorCode::InvalidArgument, m);
         }
-        if c.wait_timeout_ms > self.limits.max_wait_ms {
-            return err(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "wait_timeout_ms {} exceeds the maximum {}",
-                    c.wait_timeout_ms, self.limits.max_wait_ms
-                ),
-            );
+        if let Err(m) = Self::check_wait(&self.limits, c.wait_timeout_ms) {
+            return err(ErrorCode::InvalidArgument, m);
         }
         let previous = match self.session_mut(c.session_id) {
             Ok(s) => s.requests.get(&c.request_id).copied(),
@@ -599,22 +604,30 @@ impl LockState {
                 }
             }
         };
+        match self.held_by(lock_id, sid) {
+            Err(e) => e,
+            Ok(_) => {
+                self.drop_lock(lock_id, events);
+                counts(1, 0)
+            }
+        }
+    }
+
+    /// The holding `lock_id`, if it is held and by session `sid`.
+    fn held_by(&self, lock_id: u64, sid: u64) -> Result<Holder, Outcome> {
         match self.holder(lock_id) {
-            None => err(
+            None => Err(err(
                 ErrorCode::NotFound,
                 format!("lock {lock_id} is not held (never granted, or already released)"),
-            ),
-            Some(h) if h.session != sid => err(
+            )),
+            Some(h) if h.session != sid => Err(err(
                 ErrorCode::FailedPrecondition,
                 format!(
                     "lock {lock_id} is held by session {}, not by session {sid}",
                     h.session
                 ),
-            ),
-            Some(_) => {
-                self.drop_lock(lock_id, events);
-                counts(1, 0)
-            }
+            )),
+            Some(h) => Ok(h.clone()),
         }
     }
 
@@ -687,33 +700,13 @@ impl LockState {
         if let Err(e) = self.session_mut(c.session_id) {
             return e;
         }
-        if c.wait_timeout_ms > self.limits.max_wait_ms {
-            return err(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "wait_timeout_ms {} exceeds the maximum {}",
-                    c.wait_timeout_ms, self.limits.max_wait_ms
-                ),
-            );
+        if let Err(m) = Self::check_wait(&self.limits, c.wait_timeout_ms) {
+            return err(ErrorCode::InvalidArgument, m);
         }
         let sid = c.session_id;
-        let h = match self.holder(c.lock_id) {
-            None => {
-                return err(
-                    ErrorCode::NotFound,
-                    format!("lock {} is not held", c.lock_id),
-                )
-            }
-            Some(h) if h.session != sid => {
-                return err(
-                    ErrorCode::FailedPrecondition,
-                    format!(
-                        "lock {} is held by session {}, not by session {sid}",
-                        c.lock_id, h.session
-                    ),
-                )
-            }
-            Some(h) => h.clone(),
+        let h = match self.held_by(c.lock_id, sid) {
+            Ok(h) => h,
+            Err(e) => return e,
         };
         match h.mode {
             Mode::Exclusive => return granted(h.lock_id, h.token, h.mode),
@@ -779,18 +772,9 @@ impl LockState {
         if let Err(e) = self.session_mut(sid) {
             return e;
         }
-        let h = match self.holder(lock_id) {
-            None => return err(ErrorCode::NotFound, format!("lock {lock_id} is not held")),
-            Some(h) if h.session != sid => {
-                return err(
-                    ErrorCode::FailedPrecondition,
-                    format!(
-                        "lock {lock_id} is held by session {}, not by session {sid}",
-                        h.session
-                    ),
-                )
-            }
-            Some(h) => h.clone(),
+        let h = match self.held_by(lock_id, sid) {
+            Ok(h) => h,
+            Err(e) => return e,
         };
         if h.mode == Mode::Shared {
             return granted(lock_id, h.token, Mode::Shared);
