@@ -98,24 +98,7 @@ impl std::fmt::Debug for ReplicaConfig {
     }
 }
 
-/// Parses `id=host:port,…`.
-pub fn parse_peers(s: &str) -> Result<HashMap<u64, String>, String> {
-    let mut out = HashMap::new();
-    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = p
-            .split_once('=')
-            .ok_or_else(|| format!("peer {p:?} is not id=host:port"))?;
-        let id: u64 = id.parse().map_err(|e| format!("peer id {id:?}: {e}"))?;
-        if id == 0 {
-            return Err("peer id 0 is reserved".into());
-        }
-        out.insert(id, addr.to_owned());
-    }
-    if out.is_empty() {
-        return Err("no peers given".into());
-    }
-    Ok(out)
-}
+pub use consensus::config::parse_peers;
 
 /// The ordinal of a StatefulSet pod name (`lock-svc-2` → 2).
 pub fn ordinal(pod: &str) -> Result<u64, String> {

@@ -1,5 +1,6 @@
 //! Tunables of a consensus node, documented once.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -78,4 +79,23 @@ impl Config {
             ..Default::default()
         }
     }
+}
+
+/// Parses a peer list `id=host:port,…` (ids non-zero, at least one).
+pub fn parse_peers(s: &str) -> Result<HashMap<u64, String>, String> {
+    let mut out = HashMap::new();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = p
+            .split_once('=')
+            .ok_or_else(|| format!("peer {p:?} is not id=host:port"))?;
+        let id: u64 = id.parse().map_err(|e| format!("peer id {id:?}: {e}"))?;
+        if id == 0 {
+            return Err("peer id 0 is reserved".into());
+        }
+        out.insert(id, addr.to_owned());
+    }
+    if out.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(out)
 }

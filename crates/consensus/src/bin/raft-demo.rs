@@ -11,10 +11,10 @@
 //! Flags may also come from `DSYNC_NODE_ID`, `DSYNC_LISTEN`, `DSYNC_PEERS`
 //! and `DSYNC_DATA_DIR`.
 
-use std::collections::HashMap;
 use std::process::{Child, Command};
 use std::sync::Arc;
 
+use consensus::config::parse_peers;
 use consensus::grpc_status::to_status;
 use consensus::testkit::RecordingSm;
 use consensus::{Config, GroupHandle, GrpcTransport, Node, RaftTransportService};
@@ -88,21 +88,6 @@ fn flag(args: &[String], name: &str) -> Option<String> {
         .position(|a| a == &format!("--{name}"))
         .and_then(|i| args.get(i + 1).cloned())
         .or_else(|| std::env::var(format!("DSYNC_{}", name.to_uppercase().replace('-', "_"))).ok())
-}
-
-fn parse_peers(s: &str) -> Result<HashMap<u64, String>, String> {
-    s.split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (id, addr) = p
-                .split_once('=')
-                .ok_or_else(|| format!("peer {p:?} is not id=host:port"))?;
-            let id = id
-                .parse::<u64>()
-                .map_err(|e| format!("peer id {id:?}: {e}"))?;
-            Ok((id, addr.to_owned()))
-        })
-        .collect()
 }
 
 async fn run_node(args: &[String]) -> Result<(), String> {
