@@ -94,16 +94,14 @@ impl Replica {
             let mut r = reporter.clone();
             async move { r.set_service_status(LIVENESS, ServingStatus::Serving).await }
         });
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| e.to_string())?;
-        let reflection_alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| e.to_string())?;
+        // grpcurl and other tools speak either reflection version.
+        let described = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = described().build_v1().map_err(|e| e.to_string())?;
+        let reflection_alpha = described().build_v1alpha().map_err(|e| e.to_string())?;
         let admin = AdminServer::new(AdminService {
             service: self.cfg.service,
             node: self.node.clone(),
