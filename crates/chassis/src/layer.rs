@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
-use tonic::body::BoxBody;
+use tonic::body::Body as BoxBody;
 use tonic::Status;
 use tower::{Layer, Service};
 use tracing::Instrument;

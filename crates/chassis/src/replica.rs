@@ -91,7 +91,7 @@ impl Replica {
         // replica cut off from its quorum is not ready, but restarting it
         // would not help.
         tokio::spawn({
-            let mut r = reporter.clone();
+            let r = reporter.clone();
             async move { r.set_service_status(LIVENESS, ServingStatus::Serving).await }
         });
         // grpcurl and other tools speak either reflection version.
@@ -199,7 +199,7 @@ impl Replica {
 /// they know a leader; NOT_SERVING otherwise.
 async fn health_loop(
     node: Node,
-    mut reporter: tonic_health::server::HealthReporter,
+    reporter: tonic_health::server::HealthReporter,
     names: Vec<&'static str>,
     mut closed: watch::Receiver<bool>,
 ) {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use raft::eraftpb::Message;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -166,14 +166,14 @@ impl SimNetwork {
                 let rate = s.drop_rate;
                 let drop = s.cut.contains(&(from, to))
                     || !s.nodes.contains_key(&to)
-                    || (rate > 0.0 && s.rng.gen_bool(rate));
+                    || (rate > 0.0 && s.rng.random_bool(rate));
                 if drop {
                     s.dropped += 1;
                     continue;
                 }
                 s.delivered += 1;
                 if let Some((min, max)) = s.delay {
-                    let d = s.rng.gen_range(min..=max);
+                    let d = s.rng.random_range(min..=max);
                     let mut q = self.queue.lock();
                     q.1 += 1;
                     let seq = q.1;
