@@ -82,6 +82,7 @@ impl AdminService {
                     &Error::NotLeader {
                         leader: s.leader,
                         leader_addr,
+                        term: s.term,
                     },
                     g,
                 ));
@@ -193,6 +194,7 @@ impl Admin for AdminService {
                     &Error::NotLeader {
                         leader: Some(to),
                         leader_addr: self.node.transport().peer_addr(to),
+                        term: s.term,
                     },
                     g,
                 ));

@@ -6,6 +6,14 @@
 //! `RESOURCE_EXHAUSTED` instead of queueing without bound; and request
 //! count / latency metrics by method and status code.
 //!
+//! Every status it makes carries a `google.rpc.ErrorInfo` (`OVERLOADED`,
+//! `SERVER_TIMEOUT`), and it gives tonic's own codec errors their
+//! documented code and reason: an oversized request (tonic: `OUT_OF_RANGE`)
+//! becomes `RESOURCE_EXHAUSTED` / `REQUEST_TOO_LARGE`, an undecodable one
+//! (tonic: `INTERNAL`) `INVALID_ARGUMENT` / `MALFORMED_REQUEST`. A response
+//! carrying a [`Delivery`](crate::Delivery) gets a body that disarms it
+//! once sent whole.
+//!
 //! Internal traffic — the Raft transport, health checks, reflection — is
 //! never shed or timed out: shedding Raft messages under client load would
 //! turn overload into elections.
@@ -16,9 +24,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use proto::status::error;
 use tokio::sync::Semaphore;
 use tonic::body::Body as BoxBody;
-use tonic::Status;
+use tonic::Code;
+
+use crate::delivery::{Delivering, Pending};
+
+/// The largest request message a service accepts (services set it as
+/// their servers' `max_decoding_message_size`).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -69,31 +84,90 @@ fn is_internal(path: &str) -> bool {
 
 /// The gRPC status code of a response: tonic sends errors as
 /// trailers-only responses, with `grpc-status` in the headers.
-fn code_of(resp: &http::Response<BoxBody>) -> &'static str {
+fn status_of(resp: &http::Response<BoxBody>) -> Code {
     let code = resp
         .headers()
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(0);
-    match tonic::Code::from_i32(code) {
-        tonic::Code::Ok => "OK",
-        tonic::Code::Cancelled => "CANCELLED",
-        tonic::Code::Unknown => "UNKNOWN",
-        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        tonic::Code::NotFound => "NOT_FOUND",
-        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
-        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
-        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-        tonic::Code::Aborted => "ABORTED",
-        tonic::Code::OutOfRange => "OUT_OF_RANGE",
-        tonic::Code::Unimplemented => "UNIMPLEMENTED",
-        tonic::Code::Internal => "INTERNAL",
-        tonic::Code::Unavailable => "UNAVAILABLE",
-        tonic::Code::DataLoss => "DATA_LOSS",
-        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    Code::from_i32(code)
+}
+
+/// Replaces tonic's codec errors (which carry no details and, for these
+/// two, codes that say the wrong thing) with documented ones.
+fn rewrite_codec_error(resp: http::Response<BoxBody>) -> http::Response<BoxBody> {
+    let code = status_of(&resp);
+    if !matches!(code, Code::OutOfRange | Code::Internal)
+        || resp.headers().contains_key("grpc-status-details-bin")
+    {
+        return resp;
+    }
+    let message = resp
+        .headers()
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|m| percent_decode(m))
+        .unwrap_or_default();
+    if code == Code::OutOfRange && message.contains("decoded message length too large") {
+        error(
+            Code::ResourceExhausted,
+            format!("the request is larger than this service's limit of {MAX_REQUEST_BYTES} bytes ({message})"),
+            "REQUEST_TOO_LARGE",
+            [("limit_bytes", MAX_REQUEST_BYTES.to_string())],
+        )
+        .into_http()
+    } else if code == Code::Internal && message.contains("failed to decode Protobuf message") {
+        error(
+            Code::InvalidArgument,
+            format!("the request is not a valid protobuf message of the method's type ({message})"),
+            "MALFORMED_REQUEST",
+            std::iter::empty::<(String, String)>(),
+        )
+        .into_http()
+    } else {
+        resp
+    }
+}
+
+/// Decodes grpc-message's percent-encoding (RFC 3986 style).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -126,10 +200,15 @@ where
             Ok(p) => p,
             Err(_) => {
                 metrics::counter!("dsync_grpc_shed_total", "method" => path.clone()).increment(1);
-                let status = Status::resource_exhausted(format!(
-                    "server is at its limit of {} concurrent requests; retry with backoff",
-                    limits.max_concurrent
-                ));
+                let status = error(
+                    Code::ResourceExhausted,
+                    format!(
+                        "server is at its limit of {} concurrent requests; retry with backoff",
+                        limits.max_concurrent
+                    ),
+                    "OVERLOADED",
+                    [("limit", limits.max_concurrent.to_string())],
+                );
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         };
@@ -142,15 +221,23 @@ where
         Box::pin(
             async move {
                 let start = Instant::now();
-                let resp = match tokio::time::timeout(timeout, inner.call(req)).await {
-                    Ok(r) => r?,
-                    Err(_) => Status::deadline_exceeded(format!(
-                        "the server's limit of {} ms for {path} passed",
-                        timeout.as_millis()
-                    ))
+                let mut resp = match tokio::time::timeout(timeout, inner.call(req)).await {
+                    Ok(r) => rewrite_codec_error(r?),
+                    Err(_) => error(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "the server's limit of {} ms for {path} passed; a write may or may not have been applied",
+                            timeout.as_millis()
+                        ),
+                        "SERVER_TIMEOUT",
+                        [("limit_ms", timeout.as_millis().to_string())],
+                    )
                     .into_http(),
                 };
-                let code = code_of(&resp);
+                if let Some(d) = resp.extensions_mut().remove::<Pending>().and_then(|p| p.take()) {
+                    resp = resp.map(|body| BoxBody::new(Delivering::new(body, d)));
+                }
+                let code = code_name(status_of(&resp));
                 let secs = start.elapsed().as_secs_f64();
                 metrics::counter!("dsync_grpc_requests_total", "method" => path.clone(), "code" => code)
                     .increment(1);

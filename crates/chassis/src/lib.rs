@@ -11,14 +11,18 @@
 //! - [`replica`] — the consensus node, one gRPC server carrying the service
 //!   API plus Raft transport, `grpc.health.v1`, reflection and the admin API,
 //!   automatic join for scaled-up replicas, and graceful shutdown;
-//! - [`admin`] — `dsync.admin.v1.Admin`: status and membership.
+//! - [`admin`] — `dsync.admin.v1.Admin`: status and membership;
+//! - [`delivery`] — cleanup for answers that never reached their client.
 
 pub mod admin;
 pub mod config;
+pub mod delivery;
 pub mod layer;
 pub mod logging;
 pub mod metrics;
 pub mod replica;
 
 pub use config::{CommonFlags, ReplicaConfig};
+pub use delivery::{attach, Delivery};
+pub use layer::{GrpcLayer, MAX_REQUEST_BYTES};
 pub use replica::Replica;

@@ -76,12 +76,15 @@ impl LockClient {
         name: &str,
     ) -> Result<OpenSessionResponse, Status> {
         let t = self.timeout();
+        // One id for every attempt: a retry answers the session opened.
+        let request_id = rand::random::<u64>() | 1;
         Ok(self
             .conn
             .call(|ch| {
                 let msg = OpenSessionRequest {
                     ttl_ms: ttl.as_millis() as u64,
                     client_name: name.to_owned(),
+                    request_id,
                 };
                 async move { LockServiceClient::new(ch).open_session(req(msg, t)).await }
             })
@@ -337,16 +340,11 @@ impl Session {
         let r = match self.client.acquire(self.id, resource, mode, wait).await {
             Ok(r) => r,
             Err(e) => {
-                // No verdict (replicas unreachable, the wait's cancellation
-                // unconfirmed, the command not known to have committed): the
-                // request may still be queued, or even granted, for this
-                // session. A release by resource cleans up either, so an
-                // abandoned request never holds the lock against others.
-                let unknown = crate::replica_failed(&e)
-                    || (e.code() == Code::DeadlineExceeded
-                        && (e.message().contains("not confirmed")
-                            || e.message().contains("may or may not")));
-                if unknown {
+                // The server withdraws the wait or grant of every call whose
+                // answer it did not send. Only a connection that broke with
+                // the answer in flight leaves a grant this client never saw;
+                // a release by resource frees it.
+                if crate::replica_failed(&e) && proto::status::error_info(&e).is_none() {
                     let (c, id, res) = (self.client.clone(), self.id, resource.to_owned());
                     tokio::spawn(async move {
                         let _ = c.release(id, 0, &res).await;

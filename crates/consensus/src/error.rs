@@ -5,11 +5,14 @@
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// This replica is not the leader. `leader` is the leader's node id when
-    /// one is known, with its address when the transport knows it.
+    /// one is known, with its address when the transport knows it; `term`
+    /// is this replica's term (the leader's, when it knows one), so a
+    /// client can ignore a hint older than one it already followed.
     #[error("not the leader (leader: {})", leader_display(*.leader, .leader_addr))]
     NotLeader {
         leader: Option<u64>,
         leader_addr: Option<String>,
+        term: u64,
     },
     /// The request was accepted but did not complete before its deadline;
     /// it may or may not have been applied.

@@ -77,6 +77,9 @@ pub(crate) enum Request {
         deadline: Instant,
         reply: Reply<()>,
     },
+    /// Fire-and-forget proposal: appended by the leader, or forwarded to
+    /// it by a follower (raft-rs `MsgPropose`); nobody is told the outcome.
+    Forward(Vec<u8>),
     Campaign,
     Snapshot {
         reply: Reply<u64>,
@@ -259,6 +262,13 @@ impl Driver {
                     self.transfers.push((to, deadline, reply));
                 }
             }
+            Request::Forward(data) => {
+                if self.raw.raft.leader_id != raft::INVALID_ID {
+                    if let Err(e) = self.raw.propose(Vec::new(), data) {
+                        tracing::debug!(group = self.group, error = %e, "forwarded proposal dropped");
+                    }
+                }
+            }
             Request::Campaign => {
                 let _ = self.raw.campaign();
             }
@@ -291,6 +301,7 @@ impl Driver {
         Error::NotLeader {
             leader,
             leader_addr,
+            term: self.raw.raft.term,
         }
     }
 
@@ -653,6 +664,18 @@ impl GroupHandle {
             reply,
         })
         .await
+    }
+
+    /// Proposes `command` without waiting for or learning its outcome: the
+    /// leader appends it, a follower forwards it to the leader. It may be
+    /// lost (no leader, a dropped message, a leader change), so it is only
+    /// for idempotent commands a caller may send more than once — cleanup
+    /// that must reach the leader from whichever replica noticed the need.
+    pub fn forward(&self, command: Vec<u8>) -> Result<()> {
+        if command.is_empty() || command.len() > self.cfg.max_command_bytes {
+            return Err(Error::Invalid("command is empty or too large".into()));
+        }
+        self.enqueue(Request::Forward(command))
     }
 
     /// Linearizable read barrier: resolves with a commit index once this

@@ -94,6 +94,7 @@ async fn follower_returns_leader_hint() {
         Err(Error::NotLeader {
             leader: Some(l),
             leader_addr: Some(addr),
+            ..
         }) => {
             assert_eq!(l, leader);
             assert_eq!(addr, format!("sim-node-{leader}"));

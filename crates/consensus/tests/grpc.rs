@@ -56,6 +56,7 @@ async fn three_nodes_over_loopback_grpc() {
         Err(Error::NotLeader {
             leader: Some(l),
             leader_addr: Some(a),
+            ..
         }) => {
             assert_eq!(l, leader);
             assert_eq!(a, peers[&leader]);

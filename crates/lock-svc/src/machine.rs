@@ -102,6 +102,8 @@ impl consensus::StateMachine for LockMachine {
                     result: Some(proto::lock::v1::internal::outcome::Result::Error(Error {
                         code: ErrorCode::InvalidArgument as i32,
                         message: format!("undecodable command: {e}"),
+                        reason: "MALFORMED_REQUEST".into(),
+                        metadata: Default::default(),
                     })),
                 },
                 Vec::new(),

@@ -4,11 +4,23 @@
 //! Writes are proposed on this replica's Raft group; a follower answers
 //! `UNAVAILABLE` with the leader's address (see `consensus::grpc_status`).
 //! Reads use `read_index` and then read the local state, so they are
-//! linearizable on any replica.
+//! linearizable on any replica. Every error carries a `google.rpc.ErrorInfo`
+//! whose reason (the table in lock.proto) a client can act on.
+//!
+//! An `Acquire` or `Upgrade` is a call whose success the client must
+//! learn: each draws a random call id, sent with its command, and holds a
+//! [`Delivery`] from before it proposes until its answer has been handed
+//! whole to the transport. If the handler goes away first — the client
+//! cancelled, its deadline or ours passed, the connection dropped — the
+//! delivery proposes `Abandon(call)`, which withdraws the wait or releases
+//! the grant the call owns (or, if it overtook its command, makes the state
+//! machine refuse that command). A lock is thus held only by a call whose
+//! answer left the server.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use chassis::{attach, Delivery};
 use consensus::grpc_status::to_status;
 use consensus::GroupHandle;
 use parking_lot::RwLock;
@@ -18,6 +30,7 @@ use proto::lock::v1::internal::{
 };
 use proto::lock::v1::lock_service_server::LockService;
 use proto::lock::v1::*;
+use proto::status::error;
 use tonic::{Request, Response, Status};
 
 use crate::machine::Waits;
@@ -42,52 +55,71 @@ pub struct Locks {
     pub limits: Limits,
 }
 
+/// The status for a state machine error: its code, message, reason and
+/// metadata.
 fn outcome_to_status(e: cmd::Error) -> Status {
     let code = match ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified) {
         ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
         ErrorCode::NotFound => tonic::Code::NotFound,
         ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
         ErrorCode::Timeout => tonic::Code::DeadlineExceeded,
-        ErrorCode::Deadlock => tonic::Code::Aborted,
+        ErrorCode::Deadlock | ErrorCode::Aborted => tonic::Code::Aborted,
         ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
         ErrorCode::Unspecified => tonic::Code::Internal,
     };
-    Status::new(code, e.message)
+    let reason = if e.reason.is_empty() {
+        "INTERNAL".to_owned()
+    } else {
+        e.reason
+    };
+    error(code, e.message, &reason, e.metadata)
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Status {
+    error(
+        tonic::Code::InvalidArgument,
+        message,
+        "INVALID_ARGUMENT",
+        [("field", field)],
+    )
 }
 
 fn unexpected(what: &str) -> Status {
-    Status::internal(format!("unexpected state machine outcome for {what}"))
+    error(
+        tonic::Code::Internal,
+        format!("unexpected state machine outcome for {what}"),
+        "INTERNAL",
+        std::iter::empty::<(String, String)>(),
+    )
 }
 
-/// Cancels a wait through Raft if the handler waiting on it goes away
-/// (client cancelled, connection lost) before it was decided.
-struct WaitGuard {
-    locks: Locks,
-    id: u64,
-    decided: bool,
+/// Why a proposal failed, and whether its command may have been applied.
+struct Failed {
+    status: Status,
+    maybe_applied: bool,
 }
 
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        if self.decided {
-            return;
-        }
-        self.locks.waits.forget(self.id);
-        let locks = self.locks.clone();
-        let id = self.id;
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = locks
-                    .propose(Cmd::CancelWait(cmd::CancelWait { waiter_id: id }))
-                    .await;
-            });
-        }
+impl From<Failed> for Status {
+    fn from(f: Failed) -> Status {
+        f.status
     }
+}
+
+/// A random, non-zero call id.
+fn new_call_id() -> u64 {
+    rand::random::<u64>() | 1
 }
 
 impl Locks {
     /// Proposes a command and decodes the state machine's outcome.
     pub async fn propose(&self, c: Cmd) -> Result<Res, Status> {
+        self.propose_checked(c).await.map_err(Status::from)
+    }
+
+    /// [`propose`](Self::propose), telling a command that certainly did not
+    /// apply (not the leader, dropped, refused by the state machine) from
+    /// one that may have (timed out before commit).
+    async fn propose_checked(&self, c: Cmd) -> Result<Res, Failed> {
         let command = cmd::Command {
             now_ms: now_ms(),
             cmd: Some(c),
@@ -96,37 +128,95 @@ impl Locks {
             .group
             .propose(command.encode_to_vec())
             .await
-            .map_err(|e| to_status(&e, GROUP))?;
+            .map_err(|e| Failed {
+                status: to_status(&e, GROUP),
+                maybe_applied: matches!(e, consensus::Error::Timeout),
+            })?;
+        let definite = |status| Failed {
+            status,
+            maybe_applied: false,
+        };
         let outcome = Outcome::decode(bytes.as_slice())
-            .map_err(|e| Status::internal(format!("undecodable outcome: {e}")))?;
+            .map_err(|e| definite(Status::internal(format!("undecodable outcome: {e}"))))?;
         match outcome.result {
-            Some(Res::Error(e)) => Err(outcome_to_status(e)),
+            Some(Res::Error(e)) => Err(definite(outcome_to_status(e))),
             Some(r) => Ok(r),
-            None => Err(unexpected("an empty outcome")),
+            None => Err(definite(unexpected("an empty outcome"))),
         }
+    }
+
+    /// A [`Delivery`] that abandons `call` if its answer never leaves.
+    fn answer_for(&self, call: u64, session: u64) -> Delivery {
+        let locks = self.clone();
+        Delivery::new(move || {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { locks.abandon(call, session).await });
+            }
+        })
+    }
+
+    /// Proposes `Abandon(call)` until it commits. On a replica that lost
+    /// leadership it is forwarded to the leader instead (a few times: a
+    /// forwarded proposal may be lost, and Abandon is idempotent). If none
+    /// of that lands, the session's expiry remains the backstop.
+    async fn abandon(&self, call: u64, session: u64) {
+        metrics::counter!("dsync_lock_abandoned_calls_total").increment(1);
+        let bytes = cmd::Command {
+            now_ms: now_ms(),
+            cmd: Some(Cmd::Abandon(cmd::Abandon {
+                call_id: call,
+                session_id: session,
+            })),
+        }
+        .encode_to_vec();
+        let mut forwarded = 0;
+        let mut backoff = Duration::from_millis(50);
+        for _ in 0..10 {
+            match self.group.propose(bytes.clone()).await {
+                Ok(_) => return,
+                Err(consensus::Error::Stopped(_)) => break,
+                Err(consensus::Error::NotLeader {
+                    leader: Some(_), ..
+                }) => {
+                    if self.group.forward(bytes.clone()).is_ok() {
+                        forwarded += 1;
+                        if forwarded == 3 {
+                            return;
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        tracing::warn!(
+            call,
+            session,
+            "could not abandon a call; its session's expiry will clean up"
+        );
     }
 
     /// Blocks until wait `id` is decided; after `timeout` asks Raft to
     /// cancel it (an outcome still arrives: granted if the grant won).
+    /// If the handler goes away meanwhile, the caller's [`Delivery`]
+    /// withdraws the wait.
     async fn wait_for(&self, id: u64, timeout: Duration) -> Result<cmd::Granted, Status> {
-        let mut guard = WaitGuard {
-            locks: self.clone(),
-            id,
-            decided: false,
-        };
         let mut rx = self.waits.wait(id);
         let stopping = || {
-            Status::unavailable(format!(
-                "this replica is stopping; retry the acquire with the same request_id on another replica to resume wait {id}"
-            ))
+            error(
+                tonic::Code::Unavailable,
+                format!(
+                    "this replica is stopping; retry the acquire with the same request_id on another replica (wait {id})"
+                ),
+                "REPLICA_STOPPING",
+                [("waiter_id", id.to_string())],
+            )
         };
         let outcome = tokio::select! {
             o = &mut rx => match o {
                 Ok(o) => Some(o),
-                Err(_) => {
-                    guard.decided = true;
-                    return Err(stopping());
-                }
+                Err(_) => return Err(stopping()),
             },
             _ = tokio::time::sleep(timeout) => None,
         };
@@ -145,25 +235,57 @@ impl Locks {
                     .and_then(|r| r.ok())
             }
         };
-        guard.decided = true;
         match outcome.and_then(|o| o.result) {
             Some(Res::Granted(g)) => Ok(g),
             Some(Res::Error(e)) => Err(outcome_to_status(e)),
             Some(_) => Err(unexpected("a wait")),
             None => {
                 self.waits.forget(id);
-                Err(Status::deadline_exceeded(format!(
-                    "timed out after {} ms waiting (wait {id}); its cancellation was not confirmed, \
-                     the leader expires it shortly",
-                    timeout.as_millis()
-                )))
+                Err(error(
+                    tonic::Code::DeadlineExceeded,
+                    format!(
+                        "timed out after {} ms waiting (wait {id}); the wait is withdrawn",
+                        timeout.as_millis()
+                    ),
+                    "WAIT_TIMEOUT",
+                    [
+                        ("waiter_id", id.to_string()),
+                        ("waited_ms", timeout.as_millis().to_string()),
+                    ],
+                ))
             }
         }
     }
 
+    /// Proposes an Acquire or Upgrade made by call `call` and waits for its
+    /// grant, answering for it with a [`Delivery`] the whole time: on every
+    /// path where the client may not learn the outcome, the delivery stays
+    /// armed and abandons the call.
+    async fn grant_call(
+        &self,
+        c: Cmd,
+        call: u64,
+        session: u64,
+        wait: Duration,
+    ) -> Result<(cmd::Granted, Delivery), Status> {
+        let delivery = self.answer_for(call, session);
+        let g = match self.propose_checked(c).await {
+            Ok(Res::Granted(g)) => g,
+            Ok(Res::Queued(q)) => self.wait_for(q.waiter_id, wait).await?,
+            Ok(_) => return Err(unexpected("Acquire")),
+            Err(f) => {
+                if !f.maybe_applied {
+                    delivery.disarm();
+                }
+                return Err(f.status);
+            }
+        };
+        Ok((g, delivery))
+    }
+
     fn check_wait(&self, ms: Option<u64>) -> Result<Duration, Status> {
         let ms = ms.unwrap_or(self.limits.default_wait_ms);
-        LockState::check_wait(&self.limits, ms).map_err(Status::invalid_argument)?;
+        LockState::check_wait(&self.limits, ms).map_err(|m| invalid("wait_timeout_ms", m))?;
         Ok(Duration::from_millis(ms))
     }
 
@@ -177,7 +299,7 @@ impl Locks {
 
 fn check_session(id: u64) -> Result<(), Status> {
     if id == 0 {
-        return Err(Status::invalid_argument("session_id is required"));
+        return Err(invalid("session_id", "session_id is required"));
     }
     Ok(())
 }
@@ -207,15 +329,19 @@ impl LockService for Locks {
             r.ttl_ms
         };
         if !(self.limits.min_ttl_ms..=self.limits.max_ttl_ms).contains(&ttl) {
-            return Err(Status::invalid_argument(format!(
-                "ttl_ms {ttl} is out of range {}..={}",
-                self.limits.min_ttl_ms, self.limits.max_ttl_ms
-            )));
+            return Err(invalid(
+                "ttl_ms",
+                format!(
+                    "ttl_ms {ttl} is out of range {}..={}",
+                    self.limits.min_ttl_ms, self.limits.max_ttl_ms
+                ),
+            ));
         }
         match self
             .propose(Cmd::OpenSession(cmd::OpenSession {
                 ttl_ms: ttl,
                 client_name: r.client_name,
+                request_id: r.request_id,
             }))
             .await?
         {
@@ -266,32 +392,37 @@ impl LockService for Locks {
     ) -> Result<Response<AcquireResponse>, Status> {
         let r = req.into_inner();
         check_session(r.session_id)?;
-        LockState::check_resource(&self.limits, &r.resource).map_err(Status::invalid_argument)?;
+        LockState::check_resource(&self.limits, &r.resource).map_err(|m| invalid("resource", m))?;
         if Mode::from_proto(r.mode).is_none() {
-            return Err(Status::invalid_argument(
+            return Err(invalid(
+                "mode",
                 "mode must be SHARED, EXCLUSIVE or UPGRADEABLE",
             ));
         }
         let wait = self.check_wait(r.wait_timeout_ms)?;
-        let out = self
-            .propose(Cmd::Acquire(cmd::Acquire {
-                session_id: r.session_id,
-                resource: r.resource,
-                mode: r.mode,
-                wait_timeout_ms: wait.as_millis() as u64,
-                request_id: r.request_id,
-            }))
+        let call = new_call_id();
+        let (g, delivery) = self
+            .grant_call(
+                Cmd::Acquire(cmd::Acquire {
+                    session_id: r.session_id,
+                    resource: r.resource,
+                    mode: r.mode,
+                    wait_timeout_ms: wait.as_millis() as u64,
+                    request_id: r.request_id,
+                    call_id: call,
+                }),
+                call,
+                r.session_id,
+                wait,
+            )
             .await?;
-        let g = match out {
-            Res::Granted(g) => g,
-            Res::Queued(q) => self.wait_for(q.waiter_id, wait).await?,
-            _ => return Err(unexpected("Acquire")),
-        };
-        Ok(Response::new(AcquireResponse {
+        let mut resp = Response::new(AcquireResponse {
             lock_id: g.lock_id,
             fencing_token: g.fencing_token,
             mode: g.mode,
-        }))
+        });
+        attach(&mut resp, delivery);
+        Ok(resp)
     }
 
     async fn release(
@@ -302,7 +433,10 @@ impl LockService for Locks {
         check_session(r.session_id)?;
         if r.lock_id == 0 {
             LockState::check_resource(&self.limits, &r.resource).map_err(|m| {
-                Status::invalid_argument(format!("give a lock_id or a valid resource: {m}"))
+                invalid(
+                    "resource",
+                    format!("give a lock_id or a valid resource: {m}"),
+                )
             })?;
         }
         self.propose(Cmd::Release(cmd::Release {
@@ -339,21 +473,25 @@ impl LockService for Locks {
         let r = req.into_inner();
         check_session(r.session_id)?;
         let wait = self.check_wait(r.wait_timeout_ms)?;
-        let g = match self
-            .propose(Cmd::Upgrade(cmd::Upgrade {
-                session_id: r.session_id,
-                lock_id: r.lock_id,
-                wait_timeout_ms: wait.as_millis() as u64,
-            }))
-            .await?
-        {
-            Res::Granted(g) => g,
-            Res::Queued(q) => self.wait_for(q.waiter_id, wait).await?,
-            _ => return Err(unexpected("Upgrade")),
-        };
-        Ok(Response::new(UpgradeResponse {
+        let call = new_call_id();
+        let (g, delivery) = self
+            .grant_call(
+                Cmd::Upgrade(cmd::Upgrade {
+                    session_id: r.session_id,
+                    lock_id: r.lock_id,
+                    wait_timeout_ms: wait.as_millis() as u64,
+                    call_id: call,
+                }),
+                call,
+                r.session_id,
+                wait,
+            )
+            .await?;
+        let mut resp = Response::new(UpgradeResponse {
             fencing_token: g.fencing_token,
-        }))
+        });
+        attach(&mut resp, delivery);
+        Ok(resp)
     }
 
     async fn downgrade(
@@ -381,7 +519,7 @@ impl LockService for Locks {
         req: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
         let resource = req.into_inner().resource;
-        LockState::check_resource(&self.limits, &resource).map_err(Status::invalid_argument)?;
+        LockState::check_resource(&self.limits, &resource).map_err(|m| invalid("resource", m))?;
         let read_index = self.read_barrier().await?;
         let st = self.state.read();
         let mut resp = GetStatusResponse {
@@ -424,17 +562,18 @@ impl LockService for Locks {
             0 => 100,
             n @ 1..=1000 => n as usize,
             n => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size {n} is out of range 1..=1000"
-                )))
+                return Err(invalid(
+                    "page_size",
+                    format!("page_size {n} is out of range 1..=1000"),
+                ))
             }
         };
         let after = if r.page_token.is_empty() {
             0
         } else {
-            r.page_token.parse::<u64>().map_err(|_| {
-                Status::invalid_argument("page_token is not one this service issued")
-            })?
+            r.page_token
+                .parse::<u64>()
+                .map_err(|_| invalid("page_token", "page_token is not one this service issued"))?
         };
         self.read_barrier().await?;
         let st = self.state.read();

@@ -41,6 +41,10 @@ use proto::lock::v1::internal::{
 use proto::lock::v1::LockMode;
 use serde::{Deserialize, Serialize};
 
+/// Abandoned-call tombstones kept (an Abandon overtakes its Acquire only
+/// within a leader change, so a small window suffices).
+const ABANDONED_REMEMBERED: usize = 10_000;
+
 /// Limits and defaults, documented once.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Limits {
@@ -133,6 +137,9 @@ pub struct Session {
     pub waits: BTreeSet<u64>,
     /// Idempotency: request id → lock or waiter id it created.
     pub requests: BTreeMap<u64, u64>,
+    /// The OpenSession request id that opened it (0: none).
+    #[serde(default)]
+    pub request_id: u64,
 }
 
 impl Session {
@@ -148,6 +155,10 @@ pub struct Holder {
     pub mode: Mode,
     pub token: u64,
     pub since_ms: u64,
+    /// The call that answers for this grant until it reaches its client
+    /// (see `Cmd::Abandon`); 0 when none.
+    #[serde(default)]
+    pub call: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +171,9 @@ pub struct Waiter {
     /// The held lock this wait upgrades, if it is an upgrade.
     pub upgrade_of: Option<u64>,
     pub request_id: u64,
+    /// The call blocked on this wait; 0 when none.
+    #[serde(default)]
+    pub call: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,17 +227,99 @@ pub struct LockState {
     pub waiters: BTreeMap<u64, String>,
     /// Recently expired sessions: id → when.
     pub expired: BTreeMap<u64, u64>,
+    /// Call id → the wait or lock that call owns (answers for).
+    #[serde(default)]
+    pub calls: BTreeMap<u64, u64>,
+    /// Calls abandoned before their command applied, oldest first: their
+    /// command is refused when it arrives.
+    #[serde(default)]
+    pub abandoned: VecDeque<u64>,
+    #[serde(default)]
+    pub abandoned_set: BTreeSet<u64>,
+    /// OpenSession request id → the session it opened.
+    #[serde(default)]
+    pub opened: BTreeMap<u64, u64>,
     pub next_token: u64,
     pub now_ms: u64,
     pub applied: u64,
     pub stats: Stats,
 }
 
-fn err(code: ErrorCode, message: impl Into<String>) -> Outcome {
+/// Why a command failed: the `google.rpc.ErrorInfo` reason a client acts
+/// on (the table in lock.proto), which also fixes the status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    InvalidArgument,
+    SessionNotFound,
+    SessionExpired,
+    LockNotFound,
+    AlreadyHeld,
+    AlreadyWaiting,
+    WrongMode,
+    LockBusy,
+    WaitTimeout,
+    DeadlockVictim,
+    WaitWithdrawn,
+    LimitReached,
+    CallAbandoned,
+}
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::InvalidArgument => "INVALID_ARGUMENT",
+            Reason::SessionNotFound => "SESSION_NOT_FOUND",
+            Reason::SessionExpired => "SESSION_EXPIRED",
+            Reason::LockNotFound => "LOCK_NOT_FOUND",
+            Reason::AlreadyHeld => "ALREADY_HELD",
+            Reason::AlreadyWaiting => "ALREADY_WAITING",
+            Reason::WrongMode => "WRONG_MODE",
+            Reason::LockBusy => "LOCK_BUSY",
+            Reason::WaitTimeout => "WAIT_TIMEOUT",
+            Reason::DeadlockVictim => "DEADLOCK_VICTIM",
+            Reason::WaitWithdrawn => "WAIT_WITHDRAWN",
+            Reason::LimitReached => "LIMIT_REACHED",
+            Reason::CallAbandoned => "CALL_ABANDONED",
+        }
+    }
+
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Reason::InvalidArgument => ErrorCode::InvalidArgument,
+            Reason::SessionNotFound | Reason::LockNotFound => ErrorCode::NotFound,
+            Reason::SessionExpired
+            | Reason::AlreadyHeld
+            | Reason::AlreadyWaiting
+            | Reason::WrongMode
+            | Reason::WaitWithdrawn
+            | Reason::CallAbandoned => ErrorCode::FailedPrecondition,
+            Reason::LockBusy => ErrorCode::Aborted,
+            Reason::WaitTimeout => ErrorCode::Timeout,
+            Reason::DeadlockVictim => ErrorCode::Deadlock,
+            Reason::LimitReached => ErrorCode::ResourceExhausted,
+        }
+    }
+}
+
+fn err(reason: Reason, message: impl Into<String>) -> Outcome {
+    err_with(reason, message, [])
+}
+
+/// An error outcome with `ErrorInfo` metadata.
+fn err_with<const N: usize>(
+    reason: Reason,
+    message: impl Into<String>,
+    metadata: [(&str, String); N],
+) -> Outcome {
     Outcome {
         result: Some(Res::Error(Error {
-            code: code as i32,
+            code: reason.code() as i32,
             message: message.into(),
+            reason: reason.name().to_owned(),
+            metadata: metadata
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
         })),
     }
 }
@@ -263,8 +359,10 @@ impl LockState {
         self.now_ms = self.now_ms.max(cmd.now_ms);
         let mut events = Vec::new();
         let outcome = match cmd.cmd {
-            None => err(ErrorCode::InvalidArgument, "empty command"),
-            Some(Cmd::OpenSession(c)) => self.open_session(index, c.ttl_ms, c.client_name),
+            None => err(Reason::InvalidArgument, "empty command"),
+            Some(Cmd::OpenSession(c)) => {
+                self.open_session(index, c.ttl_ms, c.client_name, c.request_id)
+            }
             Some(Cmd::KeepAlive(c)) => match self.session_mut(c.session_id) {
                 Ok(s) => {
                     s.last_seen_ms = cmd.now_ms.max(s.last_seen_ms);
@@ -292,6 +390,7 @@ impl LockState {
                 Ok(_) => {
                     let (r, w) = self.release_all(
                         c.session_id,
+                        Reason::WaitWithdrawn,
                         "its session released all locks",
                         &mut events,
                     );
@@ -309,6 +408,7 @@ impl LockState {
                 self.tick(t.refresh_sessions, &mut events);
                 counts(0, 0)
             }
+            Some(Cmd::Abandon(c)) => self.abandon(c.call_id, &mut events),
         };
         (outcome, events)
     }
@@ -316,17 +416,34 @@ impl LockState {
     fn session_mut(&mut self, id: u64) -> Result<&mut Session, Outcome> {
         if let Some(at) = self.expired.get(&id) {
             let at = *at;
-            return Err(err(
-                ErrorCode::FailedPrecondition,
+            return Err(err_with(
+                Reason::SessionExpired,
                 format!("session {id} expired at {at} ms (its TTL passed without a keep-alive); open a new session"),
+                [("session_id", id.to_string())],
             ));
         }
-        self.sessions
-            .get_mut(&id)
-            .ok_or_else(|| err(ErrorCode::NotFound, format!("session {id} does not exist")))
+        self.sessions.get_mut(&id).ok_or_else(|| {
+            err_with(
+                Reason::SessionNotFound,
+                format!("session {id} does not exist"),
+                [("session_id", id.to_string())],
+            )
+        })
     }
 
-    fn open_session(&mut self, index: u64, ttl_ms: u64, name: String) -> Outcome {
+    fn open_session(&mut self, index: u64, ttl_ms: u64, name: String, request_id: u64) -> Outcome {
+        if let Some(s) = self
+            .opened
+            .get(&request_id)
+            .and_then(|id| self.sessions.get(id))
+        {
+            return Outcome {
+                result: Some(Res::Session(SessionOpened {
+                    session_id: s.id,
+                    ttl_ms: s.ttl_ms,
+                })),
+            };
+        }
         let l = self.limits;
         let ttl = if ttl_ms == 0 {
             l.default_ttl_ms
@@ -335,7 +452,7 @@ impl LockState {
         };
         if !(l.min_ttl_ms..=l.max_ttl_ms).contains(&ttl) {
             return err(
-                ErrorCode::InvalidArgument,
+                Reason::InvalidArgument,
                 format!(
                     "ttl_ms {ttl} is out of range {}..={}",
                     l.min_ttl_ms, l.max_ttl_ms
@@ -344,7 +461,7 @@ impl LockState {
         }
         if name.len() > l.max_client_name_bytes {
             return err(
-                ErrorCode::InvalidArgument,
+                Reason::InvalidArgument,
                 format!(
                     "client_name is {} bytes; the limit is {}",
                     name.len(),
@@ -354,7 +471,7 @@ impl LockState {
         }
         if self.sessions.len() >= l.max_sessions {
             return err(
-                ErrorCode::ResourceExhausted,
+                Reason::LimitReached,
                 format!("the limit of {} open sessions is reached", l.max_sessions),
             );
         }
@@ -368,8 +485,12 @@ impl LockState {
                 locks: BTreeSet::new(),
                 waits: BTreeSet::new(),
                 requests: BTreeMap::new(),
+                request_id,
             },
         );
+        if request_id != 0 {
+            self.opened.insert(request_id, index);
+        }
         Outcome {
             result: Some(Res::Session(SessionOpened {
                 session_id: index,
@@ -412,27 +533,33 @@ impl LockState {
     ) -> Outcome {
         let Some(mode) = Mode::from_proto(c.mode) else {
             return err(
-                ErrorCode::InvalidArgument,
+                Reason::InvalidArgument,
                 "mode must be SHARED, EXCLUSIVE or UPGRADEABLE",
             );
         };
         if let Err(m) = Self::check_resource(&self.limits, &c.resource) {
-            return err(ErrorCode::InvalidArgument, m);
+            return err(Reason::InvalidArgument, m);
         }
         if let Err(m) = Self::check_wait(&self.limits, c.wait_timeout_ms) {
-            return err(ErrorCode::InvalidArgument, m);
+            return err(Reason::InvalidArgument, m);
         }
         let previous = match self.session_mut(c.session_id) {
             Ok(s) => s.requests.get(&c.request_id).copied(),
             Err(e) => return e,
         };
-        // A retry of a request already granted or waiting answers the same.
+        if let Some(e) = self.refuse_abandoned(c.call_id) {
+            return e;
+        }
+        // A retry of a request already granted or waiting answers the same,
+        // and its call now answers for the grant or wait.
         if c.request_id != 0 {
             if let Some(id) = previous {
-                if let Some(h) = self.holder(id) {
+                if let Some(h) = self.holder(id).cloned() {
+                    self.adopt(id, h.call, c.call_id);
                     return granted(h.lock_id, h.token, h.mode);
                 }
-                if self.waiters.contains_key(&id) {
+                if let Some(w) = self.waiter(id).cloned() {
+                    self.adopt(id, w.call, c.call_id);
                     return Outcome {
                         result: Some(Res::Queued(Queued { waiter_id: id })),
                     };
@@ -443,7 +570,7 @@ impl LockState {
         let now = self.now_ms;
         if self.locks.len() >= self.limits.max_locks {
             return err(
-                ErrorCode::ResourceExhausted,
+                Reason::LimitReached,
                 format!(
                     "the limit of {} held locks is reached",
                     self.limits.max_locks
@@ -454,7 +581,7 @@ impl LockState {
         let res = self.resources.entry(c.resource.clone()).or_default();
         if let Some(h) = res.holders.values().find(|h| h.session == sid) {
             return err(
-                ErrorCode::FailedPrecondition,
+                Reason::AlreadyHeld,
                 format!(
                     "session {sid} already holds '{}' (lock {}, {}); upgrade or downgrade it instead",
                     c.resource,
@@ -465,7 +592,7 @@ impl LockState {
         }
         if let Some(w) = res.queue.iter().find(|w| w.session == sid) {
             return err(
-                ErrorCode::FailedPrecondition,
+                Reason::AlreadyWaiting,
                 format!(
                     "session {sid} is already waiting for '{}' (wait {})",
                     c.resource, w.id
@@ -483,8 +610,10 @@ impl LockState {
                     mode,
                     token,
                     since_ms: now,
+                    call: c.call_id,
                 },
             );
+            self.own(c.call_id, index);
             self.locks.insert(index, c.resource.clone());
             self.stats.grants += 1;
             let s = self.sessions.get_mut(&sid).expect("checked above");
@@ -498,17 +627,18 @@ impl LockState {
             let holders = describe_holders(res);
             self.stats.timeouts += 1;
             self.gc_resource(&c.resource);
-            return err(
-                ErrorCode::Timeout,
+            return err_with(
+                Reason::LockBusy,
                 format!(
                     "'{}' is busy ({holders}); try-lock did not wait",
                     c.resource
                 ),
+                [("resource", c.resource.clone())],
             );
         }
         if res.queue.len() >= max_waiters {
             return err(
-                ErrorCode::ResourceExhausted,
+                Reason::LimitReached,
                 format!("'{}' already has {max_waiters} waiters", c.resource),
             );
         }
@@ -520,7 +650,9 @@ impl LockState {
             deadline_ms: now.saturating_add(c.wait_timeout_ms),
             upgrade_of: None,
             request_id: c.request_id,
+            call: c.call_id,
         });
+        self.own(c.call_id, index);
         self.waiters.insert(index, c.resource.clone());
         let s = self.sessions.get_mut(&sid).expect("checked above");
         s.waits.insert(index);
@@ -539,13 +671,102 @@ impl LockState {
                 if let Some(resource) = self.remove_waiter(id) {
                     self.grant_waiters(&resource, events);
                 }
-                return err(ErrorCode::Deadlock, message);
+                return err(Reason::DeadlockVictim, message);
             }
-            self.abort_waiter(victim, err(ErrorCode::Deadlock, message), events);
+            self.abort_waiter(victim, err(Reason::DeadlockVictim, message), events);
         }
         Outcome {
             result: Some(Res::Queued(Queued { waiter_id: id })),
         }
+    }
+
+    /// Records that `call` answers for wait or lock `id`.
+    fn own(&mut self, call: u64, id: u64) {
+        if call != 0 {
+            self.calls.insert(call, id);
+        }
+    }
+
+    fn disown(&mut self, call: u64, id: u64) {
+        if call != 0 && self.calls.get(&call) == Some(&id) {
+            self.calls.remove(&call);
+        }
+    }
+
+    /// A retry (same request id) by call `new` takes over wait or lock `id`
+    /// from call `old`: only the newest call's abandonment withdraws it.
+    fn adopt(&mut self, id: u64, old: u64, new: u64) {
+        self.disown(old, id);
+        self.own(new, id);
+        if let Some(r) = self.locks.get(&id) {
+            if let Some(h) = self
+                .resources
+                .get_mut(r)
+                .and_then(|r| r.holders.get_mut(&id))
+            {
+                h.call = new;
+            }
+        } else if let Some(r) = self.waiters.get(&id) {
+            if let Some(w) = self
+                .resources
+                .get_mut(r)
+                .and_then(|r| r.queue.iter_mut().find(|w| w.id == id))
+            {
+                w.call = new;
+            }
+        }
+    }
+
+    /// Refuses a command whose call was abandoned before it applied.
+    fn refuse_abandoned(&self, call: u64) -> Option<Outcome> {
+        (call != 0 && self.abandoned_set.contains(&call)).then(|| {
+            err(
+                Reason::CallAbandoned,
+                format!("call {call} was abandoned by its client before this command applied"),
+            )
+        })
+    }
+
+    /// The handler of `call` went away before its answer reached the
+    /// client: withdraw the wait or release the lock the call answers for.
+    /// Unknown calls leave a tombstone (their command may still arrive).
+    fn abandon(&mut self, call: u64, events: &mut Vec<Event>) -> Outcome {
+        if call == 0 {
+            return err(Reason::InvalidArgument, "call_id is required");
+        }
+        let Some(id) = self.calls.get(&call).copied() else {
+            if self.abandoned_set.insert(call) {
+                self.abandoned.push_back(call);
+                while self.abandoned.len() > ABANDONED_REMEMBERED {
+                    if let Some(old) = self.abandoned.pop_front() {
+                        self.abandoned_set.remove(&old);
+                    }
+                }
+            }
+            return counts(0, 0);
+        };
+        if self.waiters.contains_key(&id) {
+            self.abort_waiter(
+                id,
+                err(
+                    Reason::WaitWithdrawn,
+                    format!("wait {id} withdrawn: the call waiting for it went away"),
+                ),
+                events,
+            );
+            return counts(0, 1);
+        }
+        if self.locks.contains_key(&id) {
+            self.drop_lock(id, events);
+            return counts(1, 0);
+        }
+        self.calls.remove(&call);
+        counts(0, 0)
+    }
+
+    fn waiter(&self, id: u64) -> Option<&Waiter> {
+        let r = self.waiters.get(&id)?;
+        self.resources.get(r)?.queue.iter().find(|w| w.id == id)
     }
 
     fn holder(&self, lock_id: u64) -> Option<&Holder> {
@@ -567,7 +788,7 @@ impl LockState {
             lock_id
         } else if resource.is_empty() {
             return err(
-                ErrorCode::InvalidArgument,
+                Reason::InvalidArgument,
                 "give a lock_id or a resource to release",
             );
         } else {
@@ -585,7 +806,7 @@ impl LockState {
                     self.abort_waiter(
                         w,
                         err(
-                            ErrorCode::FailedPrecondition,
+                            Reason::WaitWithdrawn,
                             format!("wait withdrawn: session {sid} released '{resource}'"),
                         ),
                         events,
@@ -598,7 +819,7 @@ impl LockState {
                 (Some(l), None) => l,
                 (None, None) => {
                     return err(
-                        ErrorCode::FailedPrecondition,
+                        Reason::LockNotFound,
                         format!("session {sid} neither holds nor waits for '{resource}'"),
                     )
                 }
@@ -617,11 +838,11 @@ impl LockState {
     fn held_by(&self, lock_id: u64, sid: u64) -> Result<Holder, Outcome> {
         match self.holder(lock_id) {
             None => Err(err(
-                ErrorCode::NotFound,
+                Reason::LockNotFound,
                 format!("lock {lock_id} is not held (never granted, or already released)"),
             )),
             Some(h) if h.session != sid => Err(err(
-                ErrorCode::FailedPrecondition,
+                Reason::LockNotFound,
                 format!(
                     "lock {lock_id} is held by session {}, not by session {sid}",
                     h.session
@@ -646,6 +867,7 @@ impl LockState {
             .iter()
             .find(|w| w.upgrade_of == Some(lock_id))
             .map(|w| w.id);
+        self.disown(holder.call, lock_id);
         if let Some(s) = self.sessions.get_mut(&holder.session) {
             s.locks.remove(&lock_id);
             s.requests.retain(|_, id| *id != lock_id);
@@ -654,7 +876,7 @@ impl LockState {
             self.abort_waiter(
                 w,
                 err(
-                    ErrorCode::FailedPrecondition,
+                    Reason::WaitWithdrawn,
                     format!("lock {lock_id} was released while its upgrade waited"),
                 ),
                 events,
@@ -663,21 +885,20 @@ impl LockState {
         self.grant_waiters(&resource, events);
     }
 
-    fn release_all(&mut self, sid: u64, why: &str, events: &mut Vec<Event>) -> (usize, usize) {
+    fn release_all(
+        &mut self,
+        sid: u64,
+        reason: Reason,
+        why: &str,
+        events: &mut Vec<Event>,
+    ) -> (usize, usize) {
         let Some(s) = self.sessions.get(&sid) else {
             return (0, 0);
         };
         let locks: Vec<u64> = s.locks.iter().copied().collect();
         let waits: Vec<u64> = s.waits.iter().copied().collect();
         for w in &waits {
-            self.abort_waiter(
-                *w,
-                err(
-                    ErrorCode::FailedPrecondition,
-                    format!("wait cancelled: {why}"),
-                ),
-                events,
-            );
+            self.abort_waiter(*w, err(reason, format!("wait cancelled: {why}")), events);
         }
         for l in &locks {
             self.drop_lock(*l, events);
@@ -686,8 +907,15 @@ impl LockState {
     }
 
     fn end_session(&mut self, sid: u64, why: &str, events: &mut Vec<Event>) -> (usize, usize) {
-        let counts = self.release_all(sid, &format!("session {sid} {why}"), events);
-        self.sessions.remove(&sid);
+        let counts = self.release_all(
+            sid,
+            Reason::SessionExpired,
+            &format!("session {sid} {why}"),
+            events,
+        );
+        if let Some(s) = self.sessions.remove(&sid) {
+            self.opened.remove(&s.request_id);
+        }
         counts
     }
 
@@ -701,7 +929,10 @@ impl LockState {
             return e;
         }
         if let Err(m) = Self::check_wait(&self.limits, c.wait_timeout_ms) {
-            return err(ErrorCode::InvalidArgument, m);
+            return err(Reason::InvalidArgument, m);
+        }
+        if let Some(e) = self.refuse_abandoned(c.call_id) {
+            return e;
         }
         let sid = c.session_id;
         let h = match self.held_by(c.lock_id, sid) {
@@ -712,7 +943,7 @@ impl LockState {
             Mode::Exclusive => return granted(h.lock_id, h.token, h.mode),
             Mode::Shared => {
                 return err(
-                    ErrorCode::FailedPrecondition,
+                    Reason::WrongMode,
                     format!(
                         "lock {} is shared; only an upgradeable lock can be upgraded",
                         c.lock_id
@@ -741,7 +972,7 @@ impl LockState {
         if c.wait_timeout_ms == 0 {
             self.stats.timeouts += 1;
             return err(
-                ErrorCode::Timeout,
+                Reason::LockBusy,
                 format!(
                     "'{resource}' still has other holders ({}); upgrade did not wait",
                     describe_holders(res)
@@ -758,7 +989,9 @@ impl LockState {
             deadline_ms: now.saturating_add(c.wait_timeout_ms),
             upgrade_of: Some(c.lock_id),
             request_id: 0,
+            call: c.call_id,
         });
+        self.own(c.call_id, index);
         self.waiters.insert(index, resource);
         self.sessions
             .get_mut(&sid)
@@ -792,7 +1025,7 @@ impl LockState {
             self.abort_waiter(
                 w,
                 err(
-                    ErrorCode::FailedPrecondition,
+                    Reason::WaitWithdrawn,
                     format!("lock {lock_id} was downgraded while its upgrade waited"),
                 ),
                 events,
@@ -819,9 +1052,13 @@ impl LockState {
         self.stats.timeouts += 1;
         self.abort_waiter(
             waiter_id,
-            err(
-                ErrorCode::Timeout,
+            err_with(
+                Reason::WaitTimeout,
                 format!("timed out after {waited} ms waiting for '{resource}' ({holders})"),
+                [
+                    ("resource", resource.clone()),
+                    ("waited_ms", waited.to_string()),
+                ],
             ),
             events,
         );
@@ -869,7 +1106,7 @@ impl LockState {
         while let Some(cycle) = self.find_any_cycle() {
             let (victim, message) = self.describe_cycle(&cycle);
             self.stats.deadlocks += 1;
-            self.abort_waiter(victim, err(ErrorCode::Deadlock, message), events);
+            self.abort_waiter(victim, err(Reason::DeadlockVictim, message), events);
             broken += 1;
         }
         broken
@@ -1027,6 +1264,9 @@ impl LockState {
             .position(|w| w.id == waiter_id)
             .expect("queued");
         let w = res.queue.remove(pos).expect("present");
+        if w.call != 0 && self.calls.get(&w.call) == Some(&waiter_id) {
+            self.calls.remove(&w.call);
+        }
         if let Some(s) = self.sessions.get_mut(&w.session) {
             s.waits.remove(&waiter_id);
             s.requests.retain(|_, id| *id != waiter_id);
@@ -1053,6 +1293,9 @@ impl LockState {
                     .expect("upgrading lock is held");
                 h.mode = Mode::Exclusive;
                 h.token = token;
+                if w.call != 0 && self.calls.get(&w.call) == Some(&w.id) {
+                    self.calls.remove(&w.call);
+                }
                 self.waiters.remove(&w.id);
                 if let Some(s) = self.sessions.get_mut(&w.session) {
                     s.waits.remove(&w.id);
@@ -1079,6 +1322,7 @@ impl LockState {
                     mode: w.mode,
                     token,
                     since_ms: self.now_ms,
+                    call: w.call,
                 },
             );
             self.waiters.remove(&w.id);

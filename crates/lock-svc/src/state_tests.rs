@@ -42,6 +42,7 @@ impl T {
             .run(Cmd::OpenSession(c::OpenSession {
                 ttl_ms: ttl,
                 client_name: "t".into(),
+                ..Default::default()
             }))
             .result
         {
@@ -57,6 +58,7 @@ impl T {
             mode: mode as i32,
             wait_timeout_ms: wait,
             request_id: 0,
+            ..Default::default()
         }))
     }
 
@@ -124,8 +126,8 @@ fn compatibility_matrix() {
             if !granted {
                 assert_eq!(
                     code_of(&o).0,
-                    ErrorCode::Timeout,
-                    "try-lock times out at once"
+                    ErrorCode::Aborted,
+                    "a busy try-lock is refused at once"
                 );
             }
         }
@@ -164,12 +166,13 @@ fn upgrade_waits_for_readers_then_holds_exclusive_without_releasing() {
     let (lu, tok_u) = lock_of(&t.acquire(u, "r", U, 0));
     let (lr, _) = lock_of(&t.acquire(r, "r", S, 0));
     // Another upgradeable or exclusive request is not compatible with U.
-    assert_eq!(code_of(&t.acquire(x, "r", U, 0)).0, ErrorCode::Timeout);
+    assert_eq!(code_of(&t.acquire(x, "r", U, 0)).0, ErrorCode::Aborted);
     let wx = waiter_of(&t.acquire(x, "r", X, 5_000));
     let up = t.run(Cmd::Upgrade(c::Upgrade {
         session_id: u,
         lock_id: lu,
         wait_timeout_ms: 5_000,
+        ..Default::default()
     }));
     let wup = waiter_of(&up);
     // The upgrade is queued ahead of the exclusive waiter.
@@ -201,6 +204,7 @@ fn upgrade_of_a_sole_holder_is_immediate_and_shared_cannot_upgrade() {
         session_id: a,
         lock_id: l,
         wait_timeout_ms: 0,
+        ..Default::default()
     }));
     let (l2, tok2) = lock_of(&up);
     assert_eq!(l2, l);
@@ -210,6 +214,7 @@ fn upgrade_of_a_sole_holder_is_immediate_and_shared_cannot_upgrade() {
         session_id: a,
         lock_id: ls,
         wait_timeout_ms: 0,
+        ..Default::default()
     }));
     assert_eq!(code_of(&e).0, ErrorCode::FailedPrecondition);
     // Downgrade exclusive → shared lets a waiting reader in.
@@ -362,6 +367,7 @@ fn periodic_scan_finds_a_cycle_made_by_an_upgrade() {
         deadline_ms: t.now + 30_000,
         upgrade_of: None,
         request_id: 0,
+        call: 0,
     });
     t.s.waiters.insert(wb, "x".into());
     t.s.sessions.get_mut(&b).unwrap().waits.insert(wb);
@@ -415,7 +421,7 @@ fn bad_input_is_rejected_without_state_change() {
         (t.acquire(a, "r2", X, 300_001), ErrorCode::InvalidArgument),
         (t.acquire(777, "r2", X, 0), ErrorCode::NotFound),
         (t.acquire(a, "r", S, 0), ErrorCode::FailedPrecondition),
-        (t.release(b, l), ErrorCode::FailedPrecondition),
+        (t.release(b, l), ErrorCode::NotFound),
         (t.release(a, 424_242), ErrorCode::NotFound),
         (t.release(777, l), ErrorCode::NotFound),
     ];
@@ -425,6 +431,7 @@ fn bad_input_is_rejected_without_state_change() {
     let o = t.run(Cmd::OpenSession(c::OpenSession {
         ttl_ms: 10,
         client_name: String::new(),
+        ..Default::default()
     }));
     assert_eq!(code_of(&o).0, ErrorCode::InvalidArgument);
     // Only `applied`, the clock and the rejected session index moved.
@@ -445,6 +452,7 @@ fn idempotent_acquire_retries_return_the_same_grant_or_wait() {
             mode: X as i32,
             wait_timeout_ms: 10_000,
             request_id: id,
+            ..Default::default()
         })
     };
     let first = lock_of(&t.run(req(a, "r", 7)));
@@ -523,7 +531,7 @@ fn release_by_resource_withdraws_a_wait_of_an_abandoned_acquire() {
         lock_id: 0,
         resource: "r".into(),
     }));
-    assert_eq!(code_of(&o).0, ErrorCode::FailedPrecondition);
+    assert_eq!(code_of(&o).0, ErrorCode::NotFound);
     t.release(a, l);
 }
 
@@ -550,5 +558,160 @@ fn long_wait_chains_are_searched_without_recursion() {
     assert!(
         msg.contains(&format!("session {}", s[0]))
             && msg.contains(&format!("session {}", s[n - 1]))
+    );
+}
+
+fn reason_of(o: &Outcome) -> (String, std::collections::HashMap<String, String>) {
+    match &o.result {
+        Some(Res::Error(e)) => (e.reason.clone(), e.metadata.clone()),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+impl T {
+    fn acquire_call(
+        &mut self,
+        session: u64,
+        resource: &str,
+        wait: u64,
+        request: u64,
+        call: u64,
+    ) -> Outcome {
+        self.run(Cmd::Acquire(c::Acquire {
+            session_id: session,
+            resource: resource.into(),
+            mode: X as i32,
+            wait_timeout_ms: wait,
+            request_id: request,
+            call_id: call,
+        }))
+    }
+
+    fn abandon(&mut self, call: u64) -> Outcome {
+        self.run(Cmd::Abandon(c::Abandon {
+            call_id: call,
+            session_id: 0,
+        }))
+    }
+}
+
+#[test]
+fn errors_carry_reasons_and_metadata() {
+    let mut t = T::new();
+    let a = t.session(10_000);
+    let b = t.session(10_000);
+    lock_of(&t.acquire(a, "r", X, 0));
+    let (reason, md) = reason_of(&t.acquire(b, "r", X, 0));
+    assert_eq!(reason, "LOCK_BUSY");
+    assert_eq!(md["resource"], "r");
+    let (reason, md) = reason_of(&t.acquire(4242, "r", X, 0));
+    assert_eq!(reason, "SESSION_NOT_FOUND");
+    assert_eq!(md["session_id"], "4242");
+    assert_eq!(reason_of(&t.acquire(a, "r", X, 0)).0, "ALREADY_HELD");
+    let w = waiter_of(&t.acquire(b, "r", X, 1_000));
+    t.now += 1_001;
+    t.run(Cmd::CancelWait(c::CancelWait { waiter_id: w }));
+    let (reason, md) = reason_of(&t.take_event(w).unwrap());
+    assert_eq!(reason, "WAIT_TIMEOUT");
+    assert_eq!(md["resource"], "r");
+}
+
+#[test]
+fn abandoning_a_call_withdraws_its_wait_or_releases_its_grant() {
+    let mut t = T::new();
+    let a = t.session(10_000);
+    let b = t.session(10_000);
+    // A grant whose answer never left: released, and the next waiter gets it.
+    let (l, _) = lock_of(&t.acquire_call(a, "r", 5_000, 0, 11));
+    let w = waiter_of(&t.acquire_call(b, "r", 5_000, 0, 12));
+    let o = t.abandon(11);
+    assert!(
+        matches!(o.result, Some(Res::Counts(ref n)) if n.released == 1),
+        "{o:?}"
+    );
+    assert!(t.s.holder(l).is_none());
+    assert!(matches!(
+        t.take_event(w).unwrap().result,
+        Some(Res::Granted(_))
+    ));
+    // A wait whose caller went away: withdrawn, nothing left queued.
+    let w2 = waiter_of(&t.acquire_call(a, "r", 5_000, 0, 13));
+    let o = t.abandon(13);
+    assert!(
+        matches!(o.result, Some(Res::Counts(ref n)) if n.cancelled == 1),
+        "{o:?}"
+    );
+    assert_eq!(reason_of(&t.take_event(w2).unwrap()).0, "WAIT_WITHDRAWN");
+    assert!(t.s.resources["r"].queue.is_empty());
+    assert!(t.s.sessions[&a].waits.is_empty() && t.s.sessions[&a].locks.is_empty());
+    // Abandoning a call twice, or one that owns nothing, changes nothing held.
+    let before = t.s.resources.clone();
+    t.abandon(13);
+    t.abandon(12_345);
+    assert_eq!(t.s.resources, before);
+    assert!(t
+        .s
+        .calls
+        .values()
+        .all(|id| t.s.locks.contains_key(id) || t.s.waiters.contains_key(id)));
+}
+
+#[test]
+fn an_abandon_that_overtakes_its_acquire_makes_it_refused() {
+    let mut t = T::new();
+    let a = t.session(10_000);
+    t.abandon(77);
+    let o = t.acquire_call(a, "r", 0, 0, 77);
+    assert_eq!(reason_of(&o).0, "CALL_ABANDONED");
+    assert!(t.s.resources.is_empty() && t.s.sessions[&a].locks.is_empty());
+    // Other calls are unaffected.
+    lock_of(&t.acquire_call(a, "r", 0, 0, 78));
+}
+
+#[test]
+fn a_retry_with_the_same_request_id_takes_the_grant_over() {
+    let mut t = T::new();
+    let a = t.session(10_000);
+    let b = t.session(10_000);
+    let (held, _) = lock_of(&t.acquire(b, "r", X, 0));
+    // First call queues; its retry (same request id, new call) re-attaches.
+    let w = waiter_of(&t.acquire_call(a, "r", 5_000, 9, 21));
+    assert_eq!(waiter_of(&t.acquire_call(a, "r", 5_000, 9, 22)), w);
+    // The first call's late abandon must not withdraw the retry's wait.
+    t.abandon(21);
+    assert_eq!(t.s.resources["r"].queue.len(), 1);
+    t.release(b, held);
+    assert!(matches!(
+        t.take_event(w).unwrap().result,
+        Some(Res::Granted(_))
+    ));
+    // Granted while the retry waited: the retry's abandon releases it.
+    t.abandon(22);
+    assert!(t.s.resources.is_empty(), "{:?}", t.s.resources);
+    assert!(t.s.calls.is_empty());
+}
+
+#[test]
+fn open_session_with_a_request_id_is_idempotent() {
+    let mut t = T::new();
+    let open = |t: &mut T| match t
+        .run(Cmd::OpenSession(c::OpenSession {
+            ttl_ms: 10_000,
+            client_name: "t".into(),
+            request_id: 5,
+        }))
+        .result
+    {
+        Some(Res::Session(s)) => s.session_id,
+        o => panic!("{o:?}"),
+    };
+    let first = open(&mut t);
+    assert_eq!(open(&mut t), first);
+    assert_eq!(t.s.sessions.len(), 1);
+    t.run(Cmd::CloseSession(c::CloseSession { session_id: first }));
+    assert_ne!(
+        open(&mut t),
+        first,
+        "a closed session is not answered again"
     );
 }

@@ -211,6 +211,7 @@ async fn mutual_exclusion_and_fencing_survive_leader_kill_and_partition() {
     // and cannot commit; a direct call gets UNAVAILABLE or times out.
     let mut raw = c.raw(l).await;
     let mut req = tonic::Request::new(OpenSessionRequest {
+        request_id: 0,
         ttl_ms: 5_000,
         client_name: "probe".into(),
     });
@@ -347,6 +348,7 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
     let mut raw = c.raw(f).await;
     let e = raw
         .open_session(OpenSessionRequest {
+            request_id: 0,
             ttl_ms: 5_000,
             client_name: String::new(),
         })
@@ -442,6 +444,8 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
         (
             leader
                 .open_session(OpenSessionRequest {
+                    request_id: 0,
+                    request_id: 0,
                     ttl_ms: 5,
                     client_name: String::new(),
                 })

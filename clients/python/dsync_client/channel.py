@@ -1,0 +1,278 @@
+"""A leader-following connection to one dsync replica set.
+
+:class:`LeaderChannel` keeps one gRPC channel per replica address (the
+configured endpoints plus any address learned from a leader hint) and runs
+each call against the replica it believes leads. When a call fails it
+decides, from the error, whether to retry and where:
+
+* **not the leader** — the replica names the leader in a
+  ``dsync.common.v1.LeaderHint``; the call is retried there at once. The hint
+  is read from, in order: a LeaderHint detail of the ``google.rpc.Status``
+  trailer, an ErrorInfo ``NOT_LEADER`` detail's metadata, the binary
+  ``dsync-leader-bin`` trailer. A hint whose ``term`` is older than the one
+  already followed is stale and ignored.
+* **no leader** (``NO_LEADER``, a hint with ``leader_id`` 0) — the call was
+  not served: back off briefly and try the next endpoint.
+* **not applied / overloaded** — refused before taking effect: back off and
+  retry.
+* **ambiguous** — the connection broke mid-call (``UNAVAILABLE`` without
+  details), ``OUTCOME_UNKNOWN``, ``REPLICA_STOPPING``: the call may have
+  taken effect, so it is retried (on another replica) only when the caller
+  says it is safe to repeat. Acquire and OpenSession carry a request id the
+  server deduplicates on; KeepAlive, Release, ReleaseAll, CloseSession and
+  reads are naturally repeatable; Upgrade and Downgrade are not.
+* anything else is the service's answer and is raised as is.
+
+Retries are bounded by an attempt count and an overall deadline; backoff
+doubles from 20 ms to 500 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Callable, Sequence, TypeVar
+
+import grpc
+
+from . import errors
+from ._proto import common_pb2
+from .errors import DsyncError
+
+log = logging.getLogger("dsync_client")
+
+T = TypeVar("T")
+
+LEADER_HINT_METADATA = "dsync-leader-bin"
+_LEADER_HINT_TYPE = "dsync.common.v1.LeaderHint"
+
+# gRPC channel options: notice dead peers quickly (HTTP/2 pings) and
+# reconnect to a restarted replica quickly (default backoff reaches 120 s).
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+# Substrings of UNAVAILABLE messages that grpc-core produces when it never
+# got a connection, so the request was certainly not sent.
+_NOT_SENT = ("failed to connect to all addresses", "connection refused", "dns resolution failed")
+
+
+def leader_hint(err: DsyncError) -> common_pb2.LeaderHint | None:
+    """The leader hint an error carries, from the first source present."""
+    # (1) a LeaderHint detail in the google.rpc.Status trailer.
+    for d in err.details:
+        if d.type_url.rsplit("/", 1)[-1] == _LEADER_HINT_TYPE:
+            hint = common_pb2.LeaderHint()
+            try:
+                hint.ParseFromString(d.value)
+                return hint
+            except Exception:
+                log.debug("undecodable LeaderHint detail", exc_info=True)
+    # (2) ErrorInfo NOT_LEADER (or NO_LEADER) metadata.
+    if err.reason in ("NOT_LEADER", "NO_LEADER"):
+        md = err.metadata
+
+        def num(key: str) -> int:
+            try:
+                return int(md.get(key, "0") or 0)
+            except ValueError:
+                return 0
+
+        return common_pb2.LeaderHint(
+            leader_id=num("leader_id"),
+            leader_addr=md.get("leader_addr", ""),
+            group_id=num("group_id"),
+            term=num("term"),
+        )
+    # (3) the binary dsync-leader-bin trailer.
+    for key, value in err.trailing_metadata:
+        if key == LEADER_HINT_METADATA and isinstance(value, bytes):
+            try:
+                return common_pb2.LeaderHint.FromString(value)
+            except Exception:
+                log.debug("undecodable %s trailer", LEADER_HINT_METADATA, exc_info=True)
+    return None
+
+
+def _not_sent(err: DsyncError) -> bool:
+    msg = err.message.lower()
+    return any(s in msg for s in _NOT_SENT)
+
+
+class LeaderChannel:
+    """Channels to a replica set, routing calls to the believed leader.
+
+    Thread-safe: sessions' keep-alive threads and user threads share it.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        retry_for: float = 10.0,
+        max_attempts: int = 50,
+        options: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e]
+        if not endpoints:
+            raise ValueError("no endpoints given")
+        self.retry_for = retry_for
+        self.max_attempts = max_attempts
+        self._options = [*CHANNEL_OPTIONS, *options]
+        self._lock = threading.Lock()
+        self._endpoints: list[str] = list(dict.fromkeys(endpoints))
+        self._channels: dict[str, grpc.Channel] = {}
+        self._leader: str | None = None
+        self._term = 0  # highest term of a hint followed
+        self._next = 0  # endpoint to try when no leader is known
+        self._closed = False
+
+    # --- routing state -------------------------------------------------------
+
+    @property
+    def endpoints(self) -> list[str]:
+        with self._lock:
+            return list(self._endpoints)
+
+    @property
+    def leader(self) -> str | None:
+        """The address calls go to first (None until a call succeeded or a
+        hint named one)."""
+        with self._lock:
+            return self._leader
+
+    def current(self) -> str:
+        with self._lock:
+            return self._leader or self._endpoints[self._next % len(self._endpoints)]
+
+    def channel(self, addr: str) -> grpc.Channel:
+        """The cached channel to ``addr`` (created on first use)."""
+        with self._lock:
+            if self._closed:
+                raise errors.make_error(grpc.StatusCode.CANCELLED, "client is closed")
+            ch = self._channels.get(addr)
+            if ch is None:
+                ch = grpc.insecure_channel(addr, options=self._options)
+                self._channels[addr] = ch
+            return ch
+
+    def _follow(self, hint: common_pb2.LeaderHint) -> bool:
+        """Makes the hinted leader current; False when the hint is unusable
+        (no leader known, or older than the term already followed)."""
+        with self._lock:
+            if not hint.leader_addr or hint.leader_id == 0:
+                return False
+            if hint.term and hint.term < self._term:
+                log.debug("ignoring stale leader hint %s (term %d < %d)", hint.leader_addr, hint.term, self._term)
+                return False
+            self._term = max(self._term, hint.term)
+            if hint.leader_addr not in self._endpoints:
+                self._endpoints.append(hint.leader_addr)
+            self._leader = hint.leader_addr
+            return True
+
+    def _forget(self, addr: str) -> None:
+        """``addr`` is not (or no longer) the leader: next time try the next
+        endpoint."""
+        with self._lock:
+            if self._leader == addr:
+                self._leader = None
+            if self._endpoints[self._next % len(self._endpoints)] == addr:
+                self._next += 1
+
+    def _served(self, addr: str) -> None:
+        with self._lock:
+            self._leader = addr
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            ch.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- calls ---------------------------------------------------------------
+
+    def call(
+        self,
+        invoke: Callable[[grpc.Channel, float], T],
+        *,
+        timeout: float,
+        safe_to_repeat: bool,
+        retry_for: float | None = None,
+    ) -> T:
+        """Runs ``invoke(channel, attempt_timeout)`` on the leader, following
+        hints and retrying as the module docstring describes.
+
+        ``timeout`` bounds each attempt; attempts start until ``retry_for``
+        (default: the channel's) has passed, so a call lasts at most about
+        ``retry_for + timeout``. Raises :class:`~dsync_client.errors.DsyncError`.
+        """
+        start = time.monotonic()
+        deadline = start + (self.retry_for if retry_for is None else retry_for) + timeout
+        backoff = 0.02
+        attempt = 0
+        redirected = False
+        while True:
+            attempt += 1
+            addr = self.current()
+            remaining = deadline - time.monotonic()
+            try:
+                result = invoke(self.channel(addr), max(0.001, min(timeout, remaining)))
+            except grpc.RpcError as e:
+                err = errors.from_rpc_error(e)
+            except ValueError as e:  # grpc raises ValueError on a closed channel
+                if self._closed:
+                    raise errors.make_error(grpc.StatusCode.CANCELLED, "client is closed") from e
+                raise
+            else:
+                self._served(addr)
+                return result
+
+            retry, pause = self._decide(addr, err, safe_to_repeat)
+            # Follow a redirect at once, but not two in a row: replicas can
+            # briefly point at each other while an election settles.
+            redirected, pause = not pause, pause or redirected
+            wait = backoff * random.uniform(0.5, 1.0) if pause else 0.0
+            if not retry or attempt >= self.max_attempts or time.monotonic() + wait >= deadline:
+                raise err
+            log.debug("attempt %d on %s failed (%s); retrying in %.3fs", attempt, addr, err, wait)
+            if pause:
+                time.sleep(wait)
+                backoff = min(backoff * 2, 0.5)
+
+    def _decide(self, addr: str, err: DsyncError, safe_to_repeat: bool) -> tuple[bool, bool]:
+        """(retry?, back off first?) for a failed attempt on ``addr``."""
+        hint = leader_hint(err) if err.code == grpc.StatusCode.UNAVAILABLE else None
+        if hint is not None or err.reason in ("NOT_LEADER", "NO_LEADER"):
+            # The replica refused without doing anything: always retryable.
+            if hint is not None and hint.leader_addr != addr and self._follow(hint):
+                return True, False
+            self._forget(addr)
+            return True, True
+        if err.reason in ("NOT_APPLIED", "OVERLOADED"):
+            return True, True
+        if err.reason == "OUTCOME_UNKNOWN":
+            return safe_to_repeat, True
+        if err.reason == "REPLICA_STOPPING":
+            self._forget(addr)
+            return safe_to_repeat, True
+        if err.code == grpc.StatusCode.UNAVAILABLE and not err.reason:
+            # A replica that is down or unreachable, or a connection that
+            # broke mid-call. If it never connected, nothing was sent.
+            self._forget(addr)
+            return safe_to_repeat or _not_sent(err), True
+        return False, False

@@ -1,0 +1,507 @@
+"""The lock service client: sessions kept alive by a background thread, and
+locks that carry their fencing token and release as context managers.
+
+    client = Client(["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"])
+    with client.open_session(ttl_ms=10_000, name="billing") as session:
+        with session.lock("invoice/42", mode="exclusive", wait_timeout_ms=5_000) as lock:
+            storage.write(data, fence=lock.fencing_token)
+
+Layers:
+
+* :class:`Client` wraps one RPC per method around a
+  :class:`~dsync_client.channel.LeaderChannel`, saying for each whether it is
+  safe to repeat after an ambiguous failure. It returns the generated
+  protobuf responses and takes plain ids, for callers managing sessions
+  themselves.
+* :class:`Session` owns a session id and a daemon thread sending KeepAlive
+  every ttl/3 (following the leader like any call). When the service says the
+  session is gone (SESSION_EXPIRED / SESSION_NOT_FOUND) the session is marked
+  lost and every later use raises :class:`~dsync_client.errors.SessionExpired`.
+* :class:`Lock` is one grant: lock id, fencing token, mode.
+
+Acquire is retried across leader changes safely: each logical acquire gets a
+random 64-bit ``request_id``, kept across its retries; the server returns the
+same grant or re-attaches to the same wait. Its gRPC deadline is the wait plus
+a margin; if that passes (or the call is cancelled) before the answer
+arrives, the server withdraws the wait or releases the grant itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import threading
+import time
+from types import TracebackType
+from typing import Iterator, Sequence, Union
+
+import grpc
+
+from . import errors
+from ._proto import lock_pb2, lock_pb2_grpc
+from .channel import LeaderChannel
+from .errors import DsyncError, SessionExpired
+
+log = logging.getLogger("dsync_client")
+
+
+class LockMode(enum.IntEnum):
+    """Mirrors ``dsync.lock.v1.LockMode``."""
+
+    SHARED = lock_pb2.LOCK_MODE_SHARED
+    EXCLUSIVE = lock_pb2.LOCK_MODE_EXCLUSIVE
+    UPGRADEABLE = lock_pb2.LOCK_MODE_UPGRADEABLE
+
+    @classmethod
+    def parse(cls, mode: ModeLike) -> LockMode:
+        """Accepts a LockMode, the proto enum value, or "shared" /
+        "exclusive" / "upgradeable" (any case, optional LOCK_MODE_ prefix)."""
+        if isinstance(mode, str):
+            name = mode.strip().upper().removeprefix("LOCK_MODE_")
+            try:
+                return cls[name]
+            except KeyError:
+                raise ValueError(f"unknown lock mode {mode!r}; use shared, exclusive or upgradeable") from None
+        return cls(int(mode))
+
+
+ModeLike = Union[LockMode, int, str]
+
+
+def _mode_or(value: int, default: LockMode) -> LockMode:
+    try:
+        return LockMode(value)
+    except ValueError:
+        return default
+
+
+def new_request_id() -> int:
+    """A random non-zero 64-bit id (0 means "not idempotent" to the server)."""
+    return secrets.randbits(64) | 1
+
+
+_OPEN_SESSION_HAS_REQUEST_ID = "request_id" in lock_pb2.OpenSessionRequest.DESCRIPTOR.fields_by_name
+
+
+class Client:
+    """A client of one lock-svc replica set.
+
+    ``endpoints`` are ``host:port`` addresses of any of its replicas (a list,
+    or a comma-separated string). Calls go to the leader; see
+    :mod:`dsync_client.channel` for the retry rules.
+
+    ``request_timeout`` bounds each attempt of a call that does not wait for a
+    lock; ``retry_for`` bounds how long a call keeps retrying; a waiting call
+    (Acquire, Upgrade) gets ``wait + wait_margin`` per attempt.
+    """
+
+    #: The server's default wait (AcquireRequest.wait_timeout_ms unset).
+    DEFAULT_WAIT_MS = 30_000
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        *,
+        request_timeout: float = 10.0,
+        retry_for: float = 10.0,
+        wait_margin: float = 5.0,
+        max_attempts: int = 50,
+    ) -> None:
+        self.conn = LeaderChannel(endpoints, retry_for=retry_for, max_attempts=max_attempts)
+        self.request_timeout = request_timeout
+        self.wait_margin = wait_margin
+
+    def close(self) -> None:
+        """Closes every channel (sessions' keep-alive threads stop)."""
+        self.conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Blocks until the replica set serves a linearizable read (a leader
+        exists); raises the last error once ``timeout`` seconds passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.list_sessions()
+                return
+            except DsyncError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _stub(self, ch: grpc.Channel) -> lock_pb2_grpc.LockServiceStub:
+        return lock_pb2_grpc.LockServiceStub(ch)
+
+    # --- sessions --------------------------------------------------------------
+
+    def open_session(self, ttl_ms: int = 10_000, name: str = "") -> Session:
+        """Opens a session kept alive in the background until closed."""
+        r = self.open_session_raw(ttl_ms, name)
+        return Session(self, r.session_id, r.ttl_ms, keep_alive=True)
+
+    def open_session_raw(self, ttl_ms: int = 10_000, name: str = "") -> lock_pb2.OpenSessionResponse:
+        """Opens a session nothing keeps alive."""
+        req = lock_pb2.OpenSessionRequest(ttl_ms=ttl_ms, client_name=name)
+        if _OPEN_SESSION_HAS_REQUEST_ID:  # field 3, newer servers deduplicate on it
+            req.request_id = new_request_id()
+        return self.conn.call(
+            lambda ch, t: self._stub(ch).OpenSession(req, timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=_OPEN_SESSION_HAS_REQUEST_ID,
+        )
+
+    def attach_session(self, session_id: int, *, keep_alive: bool = False) -> Session:
+        """A :class:`Session` for an existing id (not closed on exit unless
+        ``keep_alive``, i.e. unless this object owns it)."""
+        return Session(self, session_id, 0, keep_alive=keep_alive)
+
+    def keep_alive(
+        self, session_id: int, *, timeout: float | None = None, retry_for: float | None = None
+    ) -> lock_pb2.KeepAliveResponse:
+        req = lock_pb2.KeepAliveRequest(session_id=session_id)
+        return self.conn.call(
+            lambda ch, t: self._stub(ch).KeepAlive(req, timeout=t),
+            timeout=timeout or self.request_timeout,
+            safe_to_repeat=True,
+            retry_for=retry_for,
+        )
+
+    def close_session(self, session_id: int) -> lock_pb2.CloseSessionResponse:
+        req = lock_pb2.CloseSessionRequest(session_id=session_id)
+        return self.conn.call(
+            lambda ch, t: self._stub(ch).CloseSession(req, timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=True,
+        )
+
+    # --- locks -----------------------------------------------------------------
+
+    def _wait_timeout(self, wait_timeout_ms: int | None) -> float:
+        ms = self.DEFAULT_WAIT_MS if wait_timeout_ms is None else wait_timeout_ms
+        return ms / 1000 + self.wait_margin
+
+    def acquire(
+        self,
+        session_id: int,
+        resource: str,
+        mode: ModeLike = LockMode.EXCLUSIVE,
+        wait_timeout_ms: int | None = None,
+        *,
+        request_id: int | None = None,
+    ) -> lock_pb2.AcquireResponse:
+        """Acquires ``resource``, waiting up to ``wait_timeout_ms`` (None = the
+        server default of 30 s, 0 = try-lock)."""
+        req = lock_pb2.AcquireRequest(
+            session_id=session_id,
+            resource=resource,
+            mode=int(LockMode.parse(mode)),
+            request_id=request_id or new_request_id(),
+        )
+        if wait_timeout_ms is not None:
+            req.wait_timeout_ms = wait_timeout_ms
+        return self.conn.call(
+            lambda ch, t: self._stub(ch).Acquire(req, timeout=t),
+            timeout=self._wait_timeout(wait_timeout_ms),
+            safe_to_repeat=True,
+        )
+
+    def release(self, session_id: int, lock_id: int = 0, resource: str = "") -> None:
+        """Releases by lock id, or (lock_id 0) by resource."""
+        req = lock_pb2.ReleaseRequest(session_id=session_id, lock_id=lock_id, resource=resource)
+        self.conn.call(
+            lambda ch, t: self._stub(ch).Release(req, timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=True,
+        )
+
+    def release_all(self, session_id: int) -> lock_pb2.ReleaseAllResponse:
+        req = lock_pb2.ReleaseAllRequest(session_id=session_id)
+        return self.conn.call(
+            lambda ch, t: self._stub(ch).ReleaseAll(req, timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=True,
+        )
+
+    def upgrade(self, session_id: int, lock_id: int, wait_timeout_ms: int | None = None) -> int:
+        """Upgrades an UPGRADEABLE lock to EXCLUSIVE; returns the NEW fencing token."""
+        req = lock_pb2.UpgradeRequest(session_id=session_id, lock_id=lock_id)
+        if wait_timeout_ms is not None:
+            req.wait_timeout_ms = wait_timeout_ms
+        r = self.conn.call(
+            lambda ch, t: self._stub(ch).Upgrade(req, timeout=t),
+            timeout=self._wait_timeout(wait_timeout_ms),
+            safe_to_repeat=False,  # no request id: a repeat could queue twice
+        )
+        return r.fencing_token
+
+    def downgrade(self, session_id: int, lock_id: int) -> int:
+        """Downgrades to SHARED; returns the fencing token (unchanged)."""
+        req = lock_pb2.DowngradeRequest(session_id=session_id, lock_id=lock_id)
+        r = self.conn.call(
+            lambda ch, t: self._stub(ch).Downgrade(req, timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=False,
+        )
+        return r.fencing_token
+
+    # --- reads (linearizable on any replica) -----------------------------------
+
+    def status(self, resource: str) -> lock_pb2.GetStatusResponse:
+        """Holders and waiters of ``resource``."""
+        req = lock_pb2.GetStatusRequest(resource=resource)
+        return self.conn.call(
+            lambda ch, t: self._stub(ch).GetStatus(req, timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=True,
+        )
+
+    def list_locks(
+        self, session_id: int = 0, *, page_size: int = 0, max_pages: int = 1000
+    ) -> list[lock_pb2.Holder]:
+        """Every held lock (only ``session_id``'s when non-zero), all pages."""
+        return list(self.iter_locks(session_id, page_size=page_size, max_pages=max_pages))
+
+    def iter_locks(
+        self, session_id: int = 0, *, page_size: int = 0, max_pages: int = 1000
+    ) -> Iterator[lock_pb2.Holder]:
+        token = ""
+        for _ in range(max_pages):
+            req = lock_pb2.ListLocksRequest(page_size=page_size, page_token=token, session_id=session_id)
+            r: lock_pb2.ListLocksResponse = self.conn.call(
+                lambda ch, t: self._stub(ch).ListLocks(req, timeout=t),
+                timeout=self.request_timeout,
+                safe_to_repeat=True,
+            )
+            yield from r.locks
+            if not r.next_page_token or r.next_page_token == token:
+                return
+            token = r.next_page_token
+
+    def list_sessions(self) -> list[lock_pb2.Session]:
+        r = self.conn.call(
+            lambda ch, t: self._stub(ch).ListSessions(lock_pb2.ListSessionsRequest(), timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=True,
+        )
+        return list(r.sessions)
+
+
+def _session_gone(e: DsyncError) -> bool:
+    return isinstance(e, (errors.SessionExpired, errors.SessionNotFound))
+
+
+class Session:
+    """A lock-service session; see the module docstring.
+
+    Usable as a context manager: ``with client.open_session() as s: ...``
+    closes it (releasing its locks) on exit.
+    """
+
+    def __init__(self, client: Client, session_id: int, ttl_ms: int, *, keep_alive: bool) -> None:
+        self.client = client
+        self.id = session_id
+        self.ttl_ms = ttl_ms
+        self._owned = keep_alive
+        self._lost: DsyncError | None = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if keep_alive and ttl_ms > 0:
+            self._thread = threading.Thread(
+                target=self._keep_alive_loop, name=f"dsync-keepalive-{session_id}", daemon=True
+            )
+            self._thread.start()
+
+    def __repr__(self) -> str:
+        state = "lost" if self._lost else "closed" if self._closed else "open"
+        return f"Session(id={self.id}, ttl_ms={self.ttl_ms}, {state})"
+
+    @property
+    def lost(self) -> bool:
+        """True once the service said this session expired or does not exist:
+        its locks are gone."""
+        return self._lost is not None
+
+    def _mark_lost(self, e: DsyncError) -> None:
+        if self._lost is None:
+            log.warning("dsync session %d lost: %s", self.id, e)
+            self._lost = e
+            self._stop.set()
+
+    def check(self) -> None:
+        """Raises :class:`SessionExpired` if the session is lost or closed."""
+        if self._lost is not None:
+            raise SessionExpired(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {self.id} is lost: {self._lost.message}",
+                "SESSION_EXPIRED",
+                {"session_id": str(self.id)},
+            ) from self._lost
+        if self._closed:
+            raise SessionExpired(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {self.id} was closed",
+                "SESSION_EXPIRED",
+                {"session_id": str(self.id)},
+            )
+
+    def _keep_alive_loop(self) -> None:
+        interval = self.ttl_ms / 3000
+        delay = interval
+        while not self._stop.wait(delay):
+            if self.client.conn.closed:
+                return
+            try:
+                # Each round may retry for up to a third of the TTL (ample
+                # for an election), leaving the next round time to succeed.
+                self.client.keep_alive(self.id, timeout=interval, retry_for=interval)
+                delay = interval
+            except DsyncError as e:
+                # The only "no" KeepAlive can get is "no such session"; treat
+                # the bare codes the same for servers without reasons.
+                if _session_gone(e) or (
+                    not e.reason and e.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+                ):
+                    self._mark_lost(e)
+                    return
+                if self.client.conn.closed:
+                    return
+                log.debug("keep-alive of session %d failed, retrying: %s", self.id, e)
+                delay = min(interval, 0.2)
+            except Exception:  # never let the thread die silently
+                log.exception("keep-alive of session %d crashed", self.id)
+                delay = min(interval, 0.2)
+
+    def _call(self, fn, *args, **kw):  # type: ignore[no-untyped-def]
+        self.check()
+        try:
+            return fn(self.id, *args, **kw)
+        except DsyncError as e:
+            if _session_gone(e):
+                self._mark_lost(e)
+            raise
+
+    def acquire(
+        self,
+        resource: str,
+        mode: ModeLike = LockMode.EXCLUSIVE,
+        wait_timeout_ms: int | None = None,
+    ) -> Lock:
+        """Acquires ``resource`` (None = the server's default wait of 30 s,
+        0 = try-lock) and returns the held :class:`Lock`."""
+        m = LockMode.parse(mode)
+        r = self._call(self.client.acquire, resource, m, wait_timeout_ms)
+        return Lock(self, resource, r.lock_id, r.fencing_token, _mode_or(r.mode, m))
+
+    def lock(
+        self,
+        resource: str,
+        mode: ModeLike = LockMode.EXCLUSIVE,
+        wait_timeout_ms: int | None = None,
+    ) -> Lock:
+        """Like :meth:`acquire`; meant for ``with session.lock(...) as lock:``
+        (the lock is acquired when this is called, released on exit)."""
+        return self.acquire(resource, mode, wait_timeout_ms)
+
+    def release_all(self) -> lock_pb2.ReleaseAllResponse:
+        return self._call(self.client.release_all)
+
+    def locks(self) -> list[lock_pb2.Holder]:
+        """The locks this session holds."""
+        self.check()
+        return self.client.list_locks(self.id)
+
+    def close(self) -> lock_pb2.CloseSessionResponse | None:
+        """Stops the keep-alive and closes the session (its locks are
+        released). Idempotent; returns None when already closed or lost."""
+        self._stop.set()
+        if self._closed or self._lost is not None:
+            return None
+        self._closed = True
+        try:
+            return self.client.close_session(self.id)
+        except DsyncError as e:
+            if _session_gone(e):
+                return None
+            raise
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._owned:
+            self._stop.set()
+            return
+        try:
+            self.close()
+        except DsyncError:
+            if exc is None:
+                raise
+            log.warning("closing session %d failed", self.id, exc_info=True)
+
+
+class Lock:
+    """A held lock. ``with`` releases it on exit; so does :meth:`release`."""
+
+    def __init__(self, session: Session, resource: str, lock_id: int, fencing_token: int, mode: LockMode) -> None:
+        self.session = session
+        self.resource = resource
+        self.lock_id = lock_id
+        #: Pass it to the storage you protect; it must refuse smaller tokens.
+        self.fencing_token = fencing_token
+        self.mode = mode
+        self.released = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Lock(resource={self.resource!r}, lock_id={self.lock_id}, "
+            f"fencing_token={self.fencing_token}, mode={self.mode.name}, released={self.released})"
+        )
+
+    def upgrade(self, wait_timeout_ms: int | None = None) -> int:
+        """UPGRADEABLE → EXCLUSIVE, waiting for shared holders to leave.
+        The lock gets a NEW (larger) fencing token, which is returned."""
+        self.fencing_token = self.session._call(self.session.client.upgrade, self.lock_id, wait_timeout_ms)
+        self.mode = LockMode.EXCLUSIVE
+        return self.fencing_token
+
+    def downgrade(self) -> int:
+        """EXCLUSIVE → SHARED; the fencing token stays the same."""
+        self.fencing_token = self.session._call(self.session.client.downgrade, self.lock_id)
+        self.mode = LockMode.SHARED
+        return self.fencing_token
+
+    def release(self) -> None:
+        """Releases the lock (by lock id). Idempotent."""
+        if self.released:
+            return
+        self.session._call(self.session.client.release, self.lock_id)
+        self.released = True
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.release()
+        except DsyncError:
+            # Don't let a failed release hide the body's own exception.
+            if exc is None:
+                raise
+            log.warning("releasing %r failed", self, exc_info=True)
