@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from .errors import *  # noqa: F403
     from .lock import Client, Lock, LockMode, Session
 
+__all__ = [  # resolved by __getattr__
+    "Client",
+    "Session",
+    "Lock",
+    "LockMode",
+    "LeaderChannel",
+    "DsyncError",
+    # ... and every exception class of dsync_client.errors (see dir()).
+]
+
 _LOCK_NAMES = ("Client", "Session", "Lock", "LockMode", "new_request_id")
 _CHANNEL_NAMES = ("LeaderChannel", "leader_hint")
 

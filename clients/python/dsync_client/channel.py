@@ -9,8 +9,8 @@ decides, from the error, whether to retry and where:
   ``dsync.common.v1.LeaderHint``; the call is retried there at once. The hint
   is read from, in order: a LeaderHint detail of the ``google.rpc.Status``
   trailer, an ErrorInfo ``NOT_LEADER`` detail's metadata, the binary
-  ``dsync-leader-bin`` trailer. A hint whose ``term`` is older than the one
-  already followed is stale and ignored.
+  ``dsync-leader-bin`` trailer. A hint whose ``term`` is lower than one
+  already seen names a deposed leader and is ignored (term 0 = unknown).
 * **no leader** (``NO_LEADER``, a hint with ``leader_id`` 0) — the call was
   not served: back off briefly and try the next endpoint.
 * **not applied / overloaded** — refused before taking effect: back off and
@@ -33,7 +33,8 @@ import logging
 import random
 import threading
 import time
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, TypeVar
 
 import grpc
 
@@ -63,6 +64,16 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 # Substrings of UNAVAILABLE messages that grpc-core produces when it never
 # got a connection, so the request was certainly not sent.
 _NOT_SENT = ("failed to connect to all addresses", "connection refused", "dns resolution failed")
+
+
+class Verdict(NamedTuple):
+    """The retry decision for one failed attempt."""
+
+    retry: bool
+    #: Back off before retrying (False: follow a redirect at once).
+    pause: bool
+    #: The attempt may have taken effect on the server.
+    maybe_applied: bool = False
 
 
 def leader_hint(err: DsyncError) -> common_pb2.LeaderHint | None:
@@ -167,14 +178,16 @@ class LeaderChannel:
 
     def _follow(self, hint: common_pb2.LeaderHint) -> bool:
         """Makes the hinted leader current; False when the hint is unusable
-        (no leader known, or older than the term already followed)."""
+        (no leader known, or older than a term already seen)."""
         with self._lock:
+            if hint.term and hint.term < self._term:
+                log.debug("ignoring stale leader hint %r (term %d < %d)", hint.leader_addr, hint.term, self._term)
+                return False
+            # Remember the newest term even from a "no leader" hint: a hint
+            # of an older term that arrives later names a deposed leader.
+            self._term = max(self._term, hint.term)
             if not hint.leader_addr or hint.leader_id == 0:
                 return False
-            if hint.term and hint.term < self._term:
-                log.debug("ignoring stale leader hint %s (term %d < %d)", hint.leader_addr, hint.term, self._term)
-                return False
-            self._term = max(self._term, hint.term)
             if hint.leader_addr not in self._endpoints:
                 self._endpoints.append(hint.leader_addr)
             self._leader = hint.leader_addr
@@ -226,6 +239,7 @@ class LeaderChannel:
         backoff = 0.02
         attempt = 0
         redirected = False
+        maybe_applied = False  # an earlier attempt may have taken effect
         while True:
             attempt += 1
             addr = self.current()
@@ -242,37 +256,42 @@ class LeaderChannel:
                 self._served(addr)
                 return result
 
-            retry, pause = self._decide(addr, err, safe_to_repeat)
+            v = self._decide(addr, err, safe_to_repeat)
+            err.maybe_repeated = maybe_applied
+            maybe_applied = maybe_applied or v.maybe_applied
             # Follow a redirect at once, but not two in a row: replicas can
             # briefly point at each other while an election settles.
-            redirected, pause = not pause, pause or redirected
+            pause = v.pause or redirected
+            redirected = v.retry and not v.pause
             wait = backoff * random.uniform(0.5, 1.0) if pause else 0.0
-            if not retry or attempt >= self.max_attempts or time.monotonic() + wait >= deadline:
+            if not v.retry or attempt >= self.max_attempts or time.monotonic() + wait >= deadline:
                 raise err
             log.debug("attempt %d on %s failed (%s); retrying in %.3fs", attempt, addr, err, wait)
             if pause:
                 time.sleep(wait)
                 backoff = min(backoff * 2, 0.5)
 
-    def _decide(self, addr: str, err: DsyncError, safe_to_repeat: bool) -> tuple[bool, bool]:
-        """(retry?, back off first?) for a failed attempt on ``addr``."""
+    def _decide(self, addr: str, err: DsyncError, safe_to_repeat: bool) -> Verdict:
+        """What to do after a failed attempt on ``addr``."""
         hint = leader_hint(err) if err.code == grpc.StatusCode.UNAVAILABLE else None
         if hint is not None or err.reason in ("NOT_LEADER", "NO_LEADER"):
             # The replica refused without doing anything: always retryable.
             if hint is not None and hint.leader_addr != addr and self._follow(hint):
-                return True, False
+                return Verdict(retry=True, pause=False)
             self._forget(addr)
-            return True, True
+            return Verdict(retry=True, pause=True)
         if err.reason in ("NOT_APPLIED", "OVERLOADED"):
-            return True, True
+            return Verdict(retry=True, pause=True)
         if err.reason == "OUTCOME_UNKNOWN":
-            return safe_to_repeat, True
+            return Verdict(retry=safe_to_repeat, pause=True, maybe_applied=True)
         if err.reason == "REPLICA_STOPPING":
             self._forget(addr)
-            return safe_to_repeat, True
+            return Verdict(retry=safe_to_repeat, pause=True, maybe_applied=True)
         if err.code == grpc.StatusCode.UNAVAILABLE and not err.reason:
             # A replica that is down or unreachable, or a connection that
             # broke mid-call. If it never connected, nothing was sent.
             self._forget(addr)
-            return safe_to_repeat or _not_sent(err), True
-        return False, False
+            if _not_sent(err):
+                return Verdict(retry=True, pause=True)
+            return Verdict(retry=safe_to_repeat, pause=True, maybe_applied=True)
+        return Verdict(retry=False, pause=False)

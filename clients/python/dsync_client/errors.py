@@ -64,6 +64,13 @@ class DsyncError(Exception):
         self.details: list[any_pb2.Any] = list(details or [])
         #: The call's raw trailing metadata (e.g. ``dsync-leader-bin``).
         self.trailing_metadata = trailing_metadata
+        #: True when an earlier attempt of the same call failed in a way that
+        #: may have applied it (so e.g. LOCK_NOT_FOUND from a retried Release
+        #: can mean the first attempt released the lock).
+        self.maybe_repeated = False
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable despite the custom __init__
+        return (type(self), (self.code, self.message, self.reason, self.metadata))
 
     def __str__(self) -> str:
         reason = f" {self.reason}" if self.reason else ""
@@ -218,6 +225,14 @@ class ServerTimeout(DeadlineExceededError):
     REASON = "SERVER_TIMEOUT"
 
 
+class ClientDeadline(DeadlineExceededError):
+    """The call's own deadline (grpc-timeout) passed at the server (metadata
+    limit_ms). When it passes at the client first, the status has no details
+    and is a plain :class:`DeadlineExceededError`."""
+
+    REASON = "CLIENT_DEADLINE"
+
+
 class InvalidArgument(InvalidArgumentError):
     """A field is invalid (metadata field)."""
 
@@ -300,6 +315,12 @@ class Internal(InternalError):
     REASON = "INTERNAL"
 
 
+class StorageFailure(InternalError):
+    """A replica's disk failed; it stops its group rather than go on."""
+
+    REASON = "STORAGE_FAILURE"
+
+
 _BY_REASON: dict[str, type[DsyncError]] = {
     c.REASON: c
     for c in (
@@ -311,6 +332,7 @@ _BY_REASON: dict[str, type[DsyncError]] = {
         Overloaded,
         RequestTooLarge,
         ServerTimeout,
+        ClientDeadline,
         InvalidArgument,
         MalformedRequest,
         SessionNotFound,
@@ -325,6 +347,7 @@ _BY_REASON: dict[str, type[DsyncError]] = {
         WaitWithdrawn,
         LimitReached,
         Internal,
+        StorageFailure,
     )
 }
 

@@ -33,8 +33,9 @@ import logging
 import secrets
 import threading
 import time
+import weakref
+from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Iterator, Sequence, Union
 
 import grpc
 
@@ -66,7 +67,7 @@ class LockMode(enum.IntEnum):
         return cls(int(mode))
 
 
-ModeLike = Union[LockMode, int, str]
+ModeLike = LockMode | int | str
 
 
 def _mode_or(value: int, default: LockMode) -> LockMode:
@@ -200,9 +201,9 @@ class Client:
         req = lock_pb2.AcquireRequest(
             session_id=session_id,
             resource=resource,
-            mode=int(LockMode.parse(mode)),
             request_id=request_id or new_request_id(),
         )
+        req.mode = LockMode.parse(mode).value
         if wait_timeout_ms is not None:
             req.wait_timeout_ms = wait_timeout_ms
         return self.conn.call(
@@ -272,16 +273,20 @@ class Client:
     ) -> Iterator[lock_pb2.Holder]:
         token = ""
         for _ in range(max_pages):
-            req = lock_pb2.ListLocksRequest(page_size=page_size, page_token=token, session_id=session_id)
-            r: lock_pb2.ListLocksResponse = self.conn.call(
-                lambda ch, t: self._stub(ch).ListLocks(req, timeout=t),
-                timeout=self.request_timeout,
-                safe_to_repeat=True,
+            r = self._list_page(
+                lock_pb2.ListLocksRequest(page_size=page_size, page_token=token, session_id=session_id)
             )
             yield from r.locks
             if not r.next_page_token or r.next_page_token == token:
                 return
             token = r.next_page_token
+
+    def _list_page(self, req: lock_pb2.ListLocksRequest) -> lock_pb2.ListLocksResponse:
+        return self.conn.call(
+            lambda ch, t: self._stub(ch).ListLocks(req, timeout=t),
+            timeout=self.request_timeout,
+            safe_to_repeat=True,
+        )
 
     def list_sessions(self) -> list[lock_pb2.Session]:
         r = self.conn.call(
@@ -314,7 +319,10 @@ class Session:
         self._thread: threading.Thread | None = None
         if keep_alive and ttl_ms > 0:
             self._thread = threading.Thread(
-                target=self._keep_alive_loop, name=f"dsync-keepalive-{session_id}", daemon=True
+                target=Session._keep_alive_loop,
+                args=(weakref.ref(self), client, session_id, ttl_ms, self._stop),
+                name=f"dsync-keepalive-{session_id}",
+                daemon=True,
             )
             self._thread.start()
 
@@ -351,16 +359,21 @@ class Session:
                 {"session_id": str(self.id)},
             )
 
-    def _keep_alive_loop(self) -> None:
-        interval = self.ttl_ms / 3000
+    @staticmethod
+    def _keep_alive_loop(ref: weakref.ref[Session], client: Client, session_id: int, ttl_ms: int,
+                         stop: threading.Event) -> None:
+        """Runs in the keep-alive thread. Holds the Session only weakly: a
+        Session nobody references any more (no Lock of it either) stops
+        being kept alive and expires after its TTL."""
+        interval = ttl_ms / 3000
         delay = interval
-        while not self._stop.wait(delay):
-            if self.client.conn.closed:
+        while not stop.wait(delay):
+            if client.conn.closed or ref() is None:
                 return
             try:
                 # Each round may retry for up to a third of the TTL (ample
                 # for an election), leaving the next round time to succeed.
-                self.client.keep_alive(self.id, timeout=interval, retry_for=interval)
+                client.keep_alive(session_id, timeout=interval, retry_for=interval)
                 delay = interval
             except DsyncError as e:
                 # The only "no" KeepAlive can get is "no such session"; treat
@@ -368,14 +381,16 @@ class Session:
                 if _session_gone(e) or (
                     not e.reason and e.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
                 ):
-                    self._mark_lost(e)
+                    session = ref()
+                    if session is not None:
+                        session._mark_lost(e)
                     return
-                if self.client.conn.closed:
+                if client.conn.closed:
                     return
-                log.debug("keep-alive of session %d failed, retrying: %s", self.id, e)
+                log.debug("keep-alive of session %d failed, retrying: %s", session_id, e)
                 delay = min(interval, 0.2)
             except Exception:  # never let the thread die silently
-                log.exception("keep-alive of session %d crashed", self.id)
+                log.exception("keep-alive of session %d crashed", session_id)
                 delay = min(interval, 0.2)
 
     def _call(self, fn, *args, **kw):  # type: ignore[no-untyped-def]
@@ -452,7 +467,9 @@ class Session:
 
 
 class Lock:
-    """A held lock. ``with`` releases it on exit; so does :meth:`release`."""
+    """A held lock. ``with`` releases it on exit; so does :meth:`release`.
+    A Lock dropped without either stays held until its session ends (it
+    keeps its Session, and so the keep-alive, referenced)."""
 
     def __init__(self, session: Session, resource: str, lock_id: int, fencing_token: int, mode: LockMode) -> None:
         self.session = session
@@ -486,7 +503,12 @@ class Lock:
         """Releases the lock (by lock id). Idempotent."""
         if self.released:
             return
-        self.session._call(self.session.client.release, self.lock_id)
+        try:
+            self.session._call(self.session.client.release, self.lock_id)
+        except errors.LockNotFound as e:
+            # A retry after an ambiguous failure: the first attempt released it.
+            if not e.maybe_repeated:
+                raise
         self.released = True
 
     def __enter__(self) -> Lock:

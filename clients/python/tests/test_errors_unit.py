@@ -83,6 +83,7 @@ def test_reason_maps_to_its_class_with_metadata() -> None:
         ("OVERLOADED", grpc.StatusCode.RESOURCE_EXHAUSTED, dc.Overloaded),
         ("REQUEST_TOO_LARGE", grpc.StatusCode.RESOURCE_EXHAUSTED, dc.RequestTooLarge),
         ("SERVER_TIMEOUT", grpc.StatusCode.DEADLINE_EXCEEDED, dc.ServerTimeout),
+        ("CLIENT_DEADLINE", grpc.StatusCode.DEADLINE_EXCEEDED, dc.ClientDeadline),
         ("INVALID_ARGUMENT", grpc.StatusCode.INVALID_ARGUMENT, dc.InvalidArgument),
         ("MALFORMED_REQUEST", grpc.StatusCode.INVALID_ARGUMENT, dc.MalformedRequest),
         ("SESSION_NOT_FOUND", grpc.StatusCode.NOT_FOUND, dc.SessionNotFound),
@@ -97,6 +98,7 @@ def test_reason_maps_to_its_class_with_metadata() -> None:
         ("WAIT_WITHDRAWN", grpc.StatusCode.FAILED_PRECONDITION, dc.WaitWithdrawn),
         ("LIMIT_REACHED", grpc.StatusCode.RESOURCE_EXHAUSTED, dc.LimitReached),
         ("INTERNAL", grpc.StatusCode.INTERNAL, dc.Internal),
+        ("STORAGE_FAILURE", grpc.StatusCode.INTERNAL, dc.StorageFailure),
     ],
 )
 def test_every_contract_reason(reason: str, code: grpc.StatusCode, cls: type) -> None:
@@ -104,6 +106,14 @@ def test_every_contract_reason(reason: str, code: grpc.StatusCode, cls: type) ->
     assert type(e) is cls and e.reason == reason
     # ... and the class is a subclass of its code's class.
     assert isinstance(e, errors.error_class(code, ""))
+
+
+def test_errors_pickle() -> None:
+    import pickle
+
+    e = errors.make_error(grpc.StatusCode.ABORTED, "busy", "LOCK_BUSY", {"resource": "r"})
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is dc.LockBusy and back.metadata == {"resource": "r"} and back.message == "busy"
 
 
 def test_unknown_reason_and_no_details_fall_back_to_the_code_class() -> None:
@@ -154,8 +164,10 @@ def test_stale_and_empty_hints_are_not_followed() -> None:
         # Older term: ignored.
         assert not ch._follow(common_pb2.LeaderHint(leader_id=1, leader_addr="a:1", term=4))
         assert ch.leader == "b:1"
-        # No leader known.
+        # No leader known (in term 6) ...
         assert not ch._follow(common_pb2.LeaderHint(leader_id=0, leader_addr="", term=6))
+        # ... so a later hint of term 5 names a deposed leader.
+        assert not ch._follow(common_pb2.LeaderHint(leader_id=2, leader_addr="b:1", term=5))
         # Newer term, new address: learned.
         assert ch._follow(common_pb2.LeaderHint(leader_id=3, leader_addr="c:1", term=6))
         assert ch.leader == "c:1" and ch.endpoints == ["a:1", "b:1", "c:1"]
@@ -170,7 +182,8 @@ def test_retry_rules() -> None:
     U = grpc.StatusCode.UNAVAILABLE
 
     def decide(e: FakeRpcError, safe: bool) -> tuple[bool, bool]:
-        return ch._decide("a:1", errors.from_rpc_error(e), safe)
+        v = ch._decide("a:1", errors.from_rpc_error(e), safe)
+        return v.retry, v.pause
 
     try:
         broken = FakeRpcError(U, "Socket closed")

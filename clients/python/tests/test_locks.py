@@ -6,16 +6,16 @@ server contract; they need a server that sends error details.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
 import grpc
 import pytest
+from conftest import Cluster
 
 import dsync_client as dc
 from dsync_client import Client, LockMode
-
-from conftest import Cluster
 
 
 def _holders(client: Client, resource: str) -> list:
@@ -118,9 +118,10 @@ def test_upgrade_issues_a_new_token_downgrade_keeps_it(client: Client) -> None:
         lock.release()
 
 
-def test_client_deadline_is_a_bare_deadline_error_and_the_wait_is_withdrawn(cluster: Cluster) -> None:
-    """A deadline passing on the client side has no details: it maps to the
-    code class with reason "" (no crash on a missing trailer), and the server
+def test_client_deadline_is_a_deadline_error_and_the_wait_is_withdrawn(cluster: Cluster) -> None:
+    """The call's own deadline passing is a DeadlineExceededError: bare
+    (reason "", no trailer to parse) when the client notices first, or
+    CLIENT_DEADLINE when the server answers first. Either way the server
     withdraws the abandoned wait by itself."""
     with Client(cluster.endpoints) as c, c.open_session(name="py-holder") as holder:
         holder.acquire("py/deadline", "exclusive", 5_000)
@@ -131,7 +132,10 @@ def test_client_deadline_is_a_bare_deadline_error_and_the_wait_is_withdrawn(clus
                 s.acquire("py/deadline", "exclusive", wait_timeout_ms=2_000)
             assert time.monotonic() - t0 < 1.5
             assert ei.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert type(ei.value) is dc.DeadlineExceededError and ei.value.reason == ""
+            assert (type(ei.value), ei.value.reason) in {
+                (dc.DeadlineExceededError, ""),
+                (dc.ClientDeadline, "CLIENT_DEADLINE"),
+            }
             deadline = time.monotonic() + 10
             while c.status("py/deadline").waiters and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -149,6 +153,17 @@ def test_lost_session_raises_session_expired(client: Client) -> None:
         session.acquire("py/lost", "exclusive", 0)
     assert ei.value.reason == "SESSION_EXPIRED"
     session.close()  # no-op on a lost session
+
+
+def test_dropped_session_stops_being_kept_alive(client: Client) -> None:
+    session = client.open_session(ttl_ms=1_000, name="py-dropped")
+    sid = session.id
+    del session
+    gc.collect()
+    deadline = time.monotonic() + 15
+    while sid in {s.session_id for s in client.list_sessions()} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sid not in {s.session_id for s in client.list_sessions()}
 
 
 def test_invalid_mode_is_rejected_locally(client: Client) -> None:
@@ -209,12 +224,13 @@ def test_empty_resource_raises_invalid_argument(client: Client) -> None:
 @pytest.mark.contract
 def test_lock_misuse_reasons(client: Client) -> None:
     with client.open_session(name="py-misuse") as s:
-        lock = s.acquire("py/misuse", "exclusive", 5_000)
+        s.acquire("py/misuse", "exclusive", 5_000)
         with pytest.raises(dc.AlreadyHeld) as held:
             s.acquire("py/misuse", "shared", 0)
         assert held.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        shared = s.acquire("py/misuse-shared", "shared", 5_000)
         with pytest.raises(dc.WrongMode) as wrong:
-            lock.upgrade(wait_timeout_ms=0)  # EXCLUSIVE is not UPGRADEABLE
+            shared.upgrade(wait_timeout_ms=0)  # only UPGRADEABLE locks upgrade
         assert wrong.value.code == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(dc.LockNotFound) as missing:
             client.release(s.id, lock_id=987_654_321)

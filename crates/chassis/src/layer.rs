@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tonic::body::Body as BoxBody;
 use tonic::Code;
 
-use crate::delivery::{Delivering, Pending};
+use crate::delivery::{Delivering, Pending, TrackedInfo};
 
 /// The largest request message a service accepts (services set it as
 /// their servers' `max_decoding_message_size`).
@@ -130,6 +130,24 @@ fn rewrite_codec_error(resp: http::Response<BoxBody>) -> http::Response<BoxBody>
     }
 }
 
+/// Parses a `grpc-timeout` header: up to 8 digits and a unit.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Decodes grpc-message's percent-encoding (RFC 3986 style).
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
@@ -137,7 +155,10 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
                 out.push(v);
                 i += 3;
                 continue;
@@ -212,17 +233,43 @@ where
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         };
-        let timeout = limits
+        let method_limit = limits
             .long_methods
             .iter()
             .find(|(suffix, _)| path.ends_with(suffix.as_str()))
             .map_or(limits.default_timeout, |(_, t)| *t);
+        // The client's deadline (grpc-timeout), a millisecond early so this
+        // answer, with its reason, wins over tonic's bare CANCELLED.
+        let client_deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| d.saturating_sub(Duration::from_millis(1)));
+        let (timeout, by_client) = match client_deadline {
+            Some(d) if d < method_limit => (d, true),
+            _ => (method_limit, false),
+        };
+        let tracker = req
+            .extensions()
+            .get::<TrackedInfo>()
+            .map(|i| i.tracker.clone());
         let span = tracing::info_span!("rpc", method = %path);
         Box::pin(
             async move {
                 let start = Instant::now();
                 let mut resp = match tokio::time::timeout(timeout, inner.call(req)).await {
                     Ok(r) => rewrite_codec_error(r?),
+                    Err(_) if by_client => error(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "the call's deadline ({} ms) passed; a write may or may not have been applied",
+                            timeout.as_millis()
+                        ),
+                        "CLIENT_DEADLINE",
+                        [("limit_ms", timeout.as_millis().to_string())],
+                    )
+                    .into_http(),
                     Err(_) => error(
                         Code::DeadlineExceeded,
                         format!(
@@ -235,7 +282,7 @@ where
                     .into_http(),
                 };
                 if let Some(d) = resp.extensions_mut().remove::<Pending>().and_then(|p| p.take()) {
-                    resp = resp.map(|body| BoxBody::new(Delivering::new(body, d)));
+                    resp = resp.map(|body| BoxBody::new(Delivering::new(body, d, tracker)));
                 }
                 let code = code_name(status_of(&resp));
                 let secs = start.elapsed().as_secs_f64();
@@ -249,5 +296,28 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_and_message_decoding() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_grpc_timeout("1500u"),
+            Some(Duration::from_micros(1500))
+        );
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(
+            percent_decode("failed%20to%20decode%20Protobuf%20message%3A"),
+            "failed to decode Protobuf message:"
+        );
+        assert_eq!(percent_decode("100%"), "100%");
     }
 }

@@ -118,11 +118,20 @@ impl Replica {
             default_timeout: self.cfg.request_timeout,
             long_methods: self.cfg.long_methods.clone(),
         });
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Every connection reports the frames it writes, so an answer that
+        // must reach its client is known to have been sent (see delivery).
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                conn.map(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                    crate::delivery::Tracked::new(tcp)
+                })
+            },
+        );
         let mut stop = self.closed.clone();
         self.server = Some(tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .layer(layer)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, async move {

@@ -56,7 +56,10 @@ impl LockServer {
         };
         replica.serve(
             listener,
-            Routes::new(LockServiceServer::new(locks.clone())),
+            Routes::new(
+                LockServiceServer::new(locks.clone())
+                    .max_decoding_message_size(chassis::MAX_REQUEST_BYTES),
+            ),
             &[SERVICE_NAME],
         )?;
         let ticker = tokio::spawn(tick_loop(

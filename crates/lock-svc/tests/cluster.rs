@@ -3,104 +3,17 @@
 //! crashed client, waits that survive leader changes, leader following and
 //! bad input.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use consensus::testkit::{bind_local, Faults};
 use dsync_client::{LockClient, LockMode};
-use lock_svc::{LockConfig, LockServer};
 use parking_lot::Mutex;
-use proto::lock::v1::lock_service_client::LockServiceClient;
 use proto::lock::v1::*;
 use tonic::Code;
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    addrs: HashMap<u64, String>,
-    servers: HashMap<u64, LockServer>,
-    faults: Arc<Faults>,
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        let (listeners, addrs) = bind_local(3).await.unwrap();
-        let mut c = Self {
-            dir: tempfile::tempdir().unwrap(),
-            addrs,
-            servers: HashMap::new(),
-            faults: Faults::new(),
-        };
-        for (i, l) in listeners.into_iter().enumerate() {
-            c.start_on(i as u64 + 1, l);
-        }
-        c
-    }
-
-    fn start_on(&mut self, id: u64, l: tokio::net::TcpListener) {
-        let mut cfg = LockConfig::new(
-            id,
-            self.addrs.clone(),
-            self.dir.path().join(format!("n{id}")),
-        );
-        cfg.tick_interval = Duration::from_millis(100);
-        cfg.replica.faults = Some(self.faults.clone());
-        self.servers.insert(id, LockServer::start(cfg, l).unwrap());
-    }
-
-    async fn restart(&mut self, id: u64) {
-        let l = tokio::net::TcpListener::bind(&self.addrs[&id])
-            .await
-            .unwrap();
-        self.start_on(id, l);
-    }
-
-    async fn kill(&mut self, id: u64) {
-        if let Some(s) = self.servers.remove(&id) {
-            s.kill().await;
-        }
-    }
-
-    async fn leader(&self) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let leaders: Vec<u64> = self
-                .servers
-                .iter()
-                .filter(|(_, s)| s.locks.group.status().is_leader())
-                .map(|(id, _)| *id)
-                .collect();
-            if leaders.len() == 1 {
-                return leaders[0];
-            }
-            assert!(Instant::now() < deadline, "no single leader: {leaders:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        let mut ids: Vec<&u64> = self.addrs.keys().collect();
-        ids.sort();
-        ids.into_iter().map(|i| self.addrs[i].clone()).collect()
-    }
-
-    fn client(&self) -> LockClient {
-        LockClient::connect(self.endpoints()).unwrap()
-    }
-
-    async fn raw(&self, id: u64) -> LockServiceClient<tonic::transport::Channel> {
-        LockServiceClient::connect(format!("http://{}", self.addrs[&id]))
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        for id in [1, 2, 3] {
-            self.kill(id).await;
-        }
-    }
-}
+mod common;
+use common::Cluster;
 
 /// An exclusive acquire waiting up to `wait_s` seconds, in the background.
 fn spawn_acquire(
@@ -445,7 +358,6 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
             leader
                 .open_session(OpenSessionRequest {
                     request_id: 0,
-                    request_id: 0,
                     ttl_ms: 5,
                     client_name: String::new(),
                 })
@@ -464,9 +376,21 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
             Code::InvalidArgument,
         ),
     ];
-    for (st, code) in cases {
+    let reasons = [
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+        "SESSION_NOT_FOUND",
+        "LOCK_NOT_FOUND",
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+    ];
+    for ((st, code), reason) in cases.into_iter().zip(reasons) {
         assert_eq!(st.code(), code, "{st:?}");
         assert!(!st.message().is_empty());
+        let info = proto::status::error_info(&st).expect("every error has an ErrorInfo");
+        assert_eq!(info.reason, reason, "{st:?}");
+        assert_eq!(info.domain, "dsync.io");
     }
     // Release by a non-holder.
     let other = client
@@ -477,7 +401,8 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
         .release(other.id(), g.lock_id(), "")
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(proto::status::reason(&e), "LOCK_NOT_FOUND");
     // Deadlock over gRPC: ABORTED naming the cycle.
     let ga = s.acquire("d1", LockMode::Exclusive, None).await.unwrap();
     let gb = other
@@ -492,6 +417,7 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
         .err()
         .expect("deadlock victim");
     assert_eq!(e.code(), Code::Aborted);
+    assert_eq!(proto::status::reason(&e), "DEADLOCK_VICTIM");
     assert!(e.message().contains("deadlock"), "{e:?}");
     gb.release().await.unwrap();
     first

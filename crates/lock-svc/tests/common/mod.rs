@@ -1,0 +1,98 @@
+//! The in-process three-replica lock-svc cluster the integration tests
+//! share: real gRPC servers on 127.0.0.1, one fault switchboard.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use consensus::testkit::{bind_local, Faults};
+use dsync_client::LockClient;
+use lock_svc::{LockConfig, LockServer};
+use proto::lock::v1::lock_service_client::LockServiceClient;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: HashMap<u64, String>,
+    pub servers: HashMap<u64, LockServer>,
+    pub faults: Arc<Faults>,
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        let (listeners, addrs) = bind_local(3).await.unwrap();
+        let mut c = Self {
+            dir: tempfile::tempdir().unwrap(),
+            addrs,
+            servers: HashMap::new(),
+            faults: Faults::new(),
+        };
+        for (i, l) in listeners.into_iter().enumerate() {
+            c.start_on(i as u64 + 1, l);
+        }
+        c
+    }
+
+    pub fn start_on(&mut self, id: u64, l: tokio::net::TcpListener) {
+        let mut cfg = LockConfig::new(
+            id,
+            self.addrs.clone(),
+            self.dir.path().join(format!("n{id}")),
+        );
+        cfg.tick_interval = Duration::from_millis(100);
+        cfg.replica.faults = Some(self.faults.clone());
+        self.servers.insert(id, LockServer::start(cfg, l).unwrap());
+    }
+
+    pub async fn restart(&mut self, id: u64) {
+        let l = tokio::net::TcpListener::bind(&self.addrs[&id])
+            .await
+            .unwrap();
+        self.start_on(id, l);
+    }
+
+    pub async fn kill(&mut self, id: u64) {
+        if let Some(s) = self.servers.remove(&id) {
+            s.kill().await;
+        }
+    }
+
+    pub async fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leaders: Vec<u64> = self
+                .servers
+                .iter()
+                .filter(|(_, s)| s.locks.group.status().is_leader())
+                .map(|(id, _)| *id)
+                .collect();
+            if leaders.len() == 1 {
+                return leaders[0];
+            }
+            assert!(Instant::now() < deadline, "no single leader: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        let mut ids: Vec<&u64> = self.addrs.keys().collect();
+        ids.sort();
+        ids.into_iter().map(|i| self.addrs[i].clone()).collect()
+    }
+
+    pub fn client(&self) -> LockClient {
+        LockClient::connect(self.endpoints()).unwrap()
+    }
+
+    pub async fn raw(&self, id: u64) -> LockServiceClient<tonic::transport::Channel> {
+        LockServiceClient::connect(format!("http://{}", self.addrs[&id]))
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        for id in [1, 2, 3] {
+            self.kill(id).await;
+        }
+    }
+}
