@@ -18,16 +18,25 @@
 //!    [`ConnTracker`]; it holds back the trailers until the connection has
 //!    written a DATA frame with exactly those bytes (which names the
 //!    stream);
-//! 2. the connection disarms the delivery when it writes that stream's
-//!    end (HEADERS with END_STREAM);
-//! 3. anything else loses it: the body dropped before step 1 (hyper saw
-//!    RST_STREAM, or the connection closed), an RST_STREAM for the stream
-//!    read or written, the connection closing before step 2.
+//! 2. when the connection has written that stream's end (HEADERS with
+//!    END_STREAM), it writes an HTTP/2 PING of its own right behind it;
+//!    the client's HTTP/2 stack answers a PING only after it has read
+//!    every frame before it, so the ACK proves the response arrived. A
+//!    second PING round follows: a reset the client queued before the
+//!    first ACK is written no later than that ACK's flush, so it arrives
+//!    before the second ACK;
+//! 3. the second ACK disarms the delivery. It is lost when the body is
+//!    dropped before step 1 (hyper saw RST_STREAM, or the connection
+//!    closed), when an RST_STREAM for the stream is read or written before
+//!    the ACKs, and when the connection closes before the stream's end was
+//!    written. A connection that closes after the end was written but
+//!    before the ACKs keeps it: the client may have read it, and releasing
+//!    a lock a client holds is worse than keeping one it lost.
 //!
-//! What remains is the time between the socket write and the client's gRPC
-//! library handing the response to its caller: a client that gives up in
-//! that window was sent the answer, and learns it again by retrying the
-//! same request id.
+//! What remains is a client whose gRPC library had received the response
+//! when its caller gave up on the call: it was sent the answer, and learns
+//! it again by retrying the same request id. (h2, the server's HTTP/2
+//! stack, ignores ACKs of PINGs it did not send.)
 //!
 //! Without a tracked connection (a service mounted outside the chassis'
 //! server) the delivery is disarmed when the body ends; if no layer takes
@@ -220,7 +229,26 @@ struct TrackState {
     pending: Vec<PendingMessage>,
     /// Streams whose message was written, waiting for their end.
     ends: HashMap<u32, Delivery>,
+    /// Streams whose end was written, waiting for PING acknowledgements.
+    acks: Vec<Unacked>,
+    /// A PING must be written at the next frame boundary.
+    ping_due: bool,
+    last_ping: u32,
 }
+
+struct Unacked {
+    stream: u32,
+    delivery: Delivery,
+    /// The PING whose ACK counts (0: the next one written).
+    ping: u32,
+    /// ACKs still needed.
+    left: u8,
+}
+
+/// PING rounds a delivery waits for (see the module doc, step 2).
+const PING_ROUNDS: u8 = 2;
+/// Our PINGs' payload: this prefix, then a sequence number.
+const PING_MAGIC: &[u8; 4] = b"dsyn";
 
 struct PendingMessage {
     id: u64,
@@ -282,6 +310,83 @@ impl ConnTracker {
         self.state.lock().pending.iter().any(|p| !p.written)
     }
 
+    /// Whether a stream's end may be written that must be followed by a
+    /// PING (so writes are cut after ends of streams).
+    fn outstanding(&self) -> bool {
+        let s = self.state.lock();
+        !s.ends.is_empty() || s.pending.iter().any(|p| !p.written)
+    }
+
+    /// The PING frame to write now, if one is due.
+    fn take_ping(&self) -> Option<[u8; 17]> {
+        let mut s = self.state.lock();
+        if !s.ping_due {
+            return None;
+        }
+        s.ping_due = false;
+        s.last_ping = s.last_ping.wrapping_add(1).max(1);
+        let seq = s.last_ping;
+        for u in s.acks.iter_mut().filter(|u| u.ping == 0) {
+            u.ping = seq;
+        }
+        let mut f = [0u8; 17];
+        f[2] = 8; // length
+        f[3] = FRAME_PING;
+        f[9..13].copy_from_slice(PING_MAGIC);
+        f[13..].copy_from_slice(&seq.to_be_bytes());
+        Some(f)
+    }
+
+    /// The client acknowledged our PING `seq` (and so every one before it).
+    fn acked(&self, seq: u32) {
+        let mut s = self.state.lock();
+        let mut done = Vec::new();
+        let mut again = false;
+        let mut i = 0;
+        while i < s.acks.len() {
+            let u = &mut s.acks[i];
+            if u.ping != 0 && u.ping <= seq {
+                u.left -= 1;
+                if u.left == 0 {
+                    done.push(s.acks.swap_remove(i).delivery);
+                    continue;
+                }
+                u.ping = 0;
+                again = true;
+            }
+            i += 1;
+        }
+        s.ping_due |= again;
+        drop(s);
+        for d in done {
+            d.disarm();
+        }
+    }
+
+    /// Stream `stream` was reset: whatever it carried was not delivered.
+    fn reset(&self, stream: u32) {
+        let mut s = self.state.lock();
+        let mut lost: Vec<Delivery> = s.ends.remove(&stream).into_iter().collect();
+        while let Some(pos) = s.acks.iter().position(|u| u.stream == stream) {
+            lost.push(s.acks.swap_remove(pos).delivery);
+        }
+        drop(s);
+        drop(lost);
+    }
+
+    fn ended(&self, stream: u32) {
+        let mut s = self.state.lock();
+        if let Some(delivery) = s.ends.remove(&stream) {
+            s.acks.push(Unacked {
+                stream,
+                delivery,
+                ping: 0,
+                left: PING_ROUNDS,
+            });
+            s.ping_due = true;
+        }
+    }
+
     /// A whole frame went out on the socket.
     fn wrote(&self, kind: u8, flags: u8, stream: u32, payload: Option<&[u8]>) {
         let mut s = self.state.lock();
@@ -301,49 +406,62 @@ impl ConnTracker {
                         s.ends.insert(stream, d);
                     }
                 }
+                drop(s);
                 if flags & FLAG_END_STREAM != 0 {
-                    if let Some(d) = s.ends.remove(&stream) {
-                        d.disarm();
-                    }
+                    self.ended(stream);
                 }
             }
             FRAME_HEADERS if flags & FLAG_END_STREAM != 0 => {
-                if let Some(d) = s.ends.remove(&stream) {
-                    d.disarm();
-                }
+                drop(s);
+                self.ended(stream);
             }
             FRAME_RST_STREAM => {
-                let lost = s.ends.remove(&stream);
                 drop(s);
-                drop(lost);
+                self.reset(stream);
             }
             _ => {}
         }
     }
 
     /// A whole frame came in from the client.
-    fn read(&self, kind: u8, stream: u32) {
-        if kind == FRAME_RST_STREAM {
-            let lost = self.state.lock().ends.remove(&stream);
-            drop(lost);
+    fn read(&self, kind: u8, flags: u8, stream: u32, payload: Option<&[u8]>) {
+        match (kind, payload) {
+            (FRAME_RST_STREAM, _) => self.reset(stream),
+            (FRAME_PING, Some(p))
+                if flags & FLAG_ACK != 0 && p.len() == 8 && &p[..4] == PING_MAGIC =>
+            {
+                self.acked(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+            }
+            _ => {}
         }
     }
 
-    /// The connection is gone: whatever was not written never will be.
+    /// The connection is gone. A stream whose end was never written was
+    /// not delivered (a gRPC response without trailers is an error to the
+    /// client). One whose end was written but not yet confirmed may have
+    /// been read: it is kept, as releasing a lock its client holds would be
+    /// worse than keeping one it lost.
     fn close(&self) {
-        let lost: Vec<Delivery> = self.state.lock().ends.drain().map(|(_, d)| d).collect();
+        let mut s = self.state.lock();
+        let lost: Vec<Delivery> = s.ends.drain().map(|(_, d)| d).collect();
+        let kept: Vec<Delivery> = s.acks.drain(..).map(|u| u.delivery).collect();
+        drop(s);
         drop(lost);
+        kept.into_iter().for_each(Delivery::disarm);
     }
 }
 
 const FRAME_DATA: u8 = 0;
 const FRAME_HEADERS: u8 = 1;
 const FRAME_RST_STREAM: u8 = 3;
+const FRAME_PING: u8 = 6;
 const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_ACK: u8 = 0x1;
 const CLIENT_PREFACE: usize = 24;
 
 /// Splits one direction of an HTTP/2 connection into frames as its bytes
 /// go by (they arrive in arbitrary pieces).
+#[derive(Clone)]
 struct FrameParser {
     skip_preface: usize,
     head: [u8; 9],
@@ -360,6 +478,42 @@ impl FrameParser {
             head_len: 0,
             remaining: 0,
             capture: None,
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.skip_preface == 0 && self.head_len == 0
+    }
+
+    /// How many bytes of `buf` reach the end of the first DATA or HEADERS
+    /// frame that ends a stream, if `buf` holds that end.
+    fn end_of_stream_in(&self, buf: &[u8]) -> Option<usize> {
+        let (mut head, mut head_len, mut remaining) = (self.head, self.head_len, self.remaining);
+        let mut i = 0;
+        loop {
+            if head_len < 9 {
+                let n = (9 - head_len).min(buf.len() - i);
+                head[head_len..head_len + n].copy_from_slice(&buf[i..i + n]);
+                head_len += n;
+                i += n;
+                if head_len < 9 {
+                    return None;
+                }
+                remaining = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            }
+            let n = remaining.min(buf.len() - i);
+            remaining -= n;
+            i += n;
+            if remaining > 0 {
+                return None;
+            }
+            if matches!(head[3], FRAME_DATA | FRAME_HEADERS) && head[4] & FLAG_END_STREAM != 0 {
+                return Some(i);
+            }
+            head_len = 0;
+            if i == buf.len() {
+                return None;
+            }
         }
     }
 
@@ -415,6 +569,8 @@ pub struct Tracked {
     remote: Option<std::net::SocketAddr>,
     out: FrameParser,
     incoming: FrameParser,
+    /// Our PING, written between h2's frames before any more of them.
+    ping: Vec<u8>,
 }
 
 /// The connect info of a [`Tracked`] connection, in request extensions.
@@ -433,7 +589,25 @@ impl Tracked {
             remote,
             out: FrameParser::new(0),
             incoming: FrameParser::new(CLIENT_PREFACE),
+            ping: Vec::new(),
         }
+    }
+
+    /// Writes a due PING (at a frame boundary only) before anything else.
+    fn poll_ping(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ping.is_empty() && self.out.at_boundary() {
+            if let Some(f) = self.tracker.take_ping() {
+                self.ping.extend_from_slice(&f);
+            }
+        }
+        while !self.ping.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.ping))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.ping.drain(..n);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -466,8 +640,8 @@ impl AsyncRead for Tracked {
             let tracker = &this.tracker;
             this.incoming.feed(
                 &buf.filled()[before..],
-                |_, _| false,
-                |kind, _, stream, _| tracker.read(kind, stream),
+                |kind, len| kind == FRAME_PING && len == 8,
+                |kind, flags, stream, payload| tracker.read(kind, flags, stream, payload),
             );
         }
         r
@@ -480,9 +654,17 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let this = &mut *self;
+        std::task::ready!(this.poll_ping(cx))?;
+        // While tracked answers are out, stop each write at the end of a
+        // stream, so a PING can follow right behind it.
+        let limit = if this.tracker.outstanding() {
+            this.out.end_of_stream_in(buf).unwrap_or(buf.len())
+        } else {
+            buf.len()
+        };
+        let r = Pin::new(&mut this.inner).poll_write(cx, &buf[..limit]);
         if let Poll::Ready(Ok(n)) = &r {
-            let this = &mut *self;
             let tracker = &this.tracker;
             this.out.feed(
                 &buf[..*n],
@@ -491,11 +673,14 @@ impl AsyncWrite for Tracked {
                 },
                 |kind, flags, stream, payload| tracker.wrote(kind, flags, stream, payload),
             );
+            // Best effort now; poll_flush and the next write finish it.
+            let _ = this.poll_ping(cx);
         }
         r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_ping(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -558,6 +743,26 @@ mod tests {
             assert_eq!(t.state.lock().ends.len(), 1);
             write(&t, &mut p, &frame(1, 5, 3, b"trailers"), step);
             assert!(t.state.lock().ends.is_empty());
+            // Two PING rounds confirm it; an ACK of another payload does not.
+            let mut r = FrameParser::new(0);
+            let mut ack = |seq: u32, magic: &[u8; 4]| {
+                let mut payload = magic.to_vec();
+                payload.extend(seq.to_be_bytes());
+                r.feed(
+                    &frame(6, 1, 0, &payload),
+                    |k, l| k == FRAME_PING && l == 8,
+                    |k, f, s, b| t.read(k, f, s, b),
+                );
+            };
+            let p1 = t.take_ping().expect("a PING follows the end");
+            assert_eq!(&p1[9..13], PING_MAGIC);
+            ack(1, b"user");
+            ack(1, PING_MAGIC);
+            assert_eq!(t.state.lock().acks.len(), 1, "one round is not enough");
+            assert!(t.take_ping().is_some());
+            ack(2, PING_MAGIC);
+            assert!(t.state.lock().acks.is_empty());
+            assert!(t.take_ping().is_none());
             t.close();
             assert_eq!(lost.load(Ordering::SeqCst), 0, "step {step}");
         }
@@ -574,18 +779,56 @@ mod tests {
         let mut r = FrameParser::new(CLIENT_PREFACE);
         let mut incoming = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         incoming.extend(frame(3, 0, 7, &[0, 0, 0, 8]));
-        r.feed(&incoming, |_, _| false, |k, _, s, _| t.read(k, s));
+        r.feed(&incoming, |_, _| false, |k, f, s, b| t.read(k, f, s, b));
         assert_eq!(lost.load(Ordering::SeqCst), 1);
-        // The connection closes with a message written but no end.
+        // Reset after its end was written but before the PING was acked.
+        let (d, lost) = counted();
+        t.register(Bytes::from_static(b"q"), d);
+        write(&t, &mut p, &frame(0, 0, 11, b"q"), 2);
+        write(&t, &mut p, &frame(1, 5, 11, b"t"), 2);
+        assert!(t.take_ping().is_some());
+        r.feed(
+            &frame(3, 0, 11, &[0, 0, 0, 8]),
+            |_, _| false,
+            |k, f, s, b| t.read(k, f, s, b),
+        );
+        assert_eq!(lost.load(Ordering::SeqCst), 1);
+        // The connection closes with a message written but no end: lost;
+        // with its end written but unconfirmed: kept (it may have been read).
         let (d, lost) = counted();
         t.register(Bytes::from_static(b"n"), d);
         write(&t, &mut p, &frame(0, 0, 9, b"n"), 1);
+        let (d2, lost2) = counted();
+        t.register(Bytes::from_static(b"n2"), d2);
+        write(&t, &mut p, &frame(0, 0, 13, b"n2"), 1);
+        write(&t, &mut p, &frame(1, 5, 13, b"t"), 1);
         t.close();
         assert_eq!(lost.load(Ordering::SeqCst), 1);
+        assert_eq!(lost2.load(Ordering::SeqCst), 0);
         // The body went away before its message was written.
         let (d, lost) = counted();
         let id = t.register(Bytes::from_static(b"o"), d);
         drop(t.withdraw(id));
         assert_eq!(lost.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_cut_right_after_the_end_of_a_stream() {
+        let mut bytes = vec![0, 0, 2, FRAME_DATA, 0, 0, 0, 0, 1, 9, 9];
+        let end = bytes.len() + 9 + 3;
+        bytes.extend([0, 0, 3, FRAME_HEADERS, FLAG_END_STREAM, 0, 0, 0, 1, 7, 7, 7]);
+        bytes.extend([0, 0, 1, FRAME_DATA, 0, 0, 0, 0, 3, 5]);
+        let p = FrameParser::new(0);
+        assert_eq!(p.end_of_stream_in(&bytes), Some(end));
+        // From the middle of a frame, and when the end is not in the buffer.
+        let mut q = FrameParser::new(0);
+        q.feed(&bytes[..4], |_, _| false, |_, _, _, _| {});
+        assert_eq!(q.end_of_stream_in(&bytes[4..]), Some(end - 4));
+        assert_eq!(p.end_of_stream_in(&bytes[..end - 1]), None);
     }
 }
