@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{cargo, root, run, Result};
+use crate::{cargo, run, Result};
 
 pub struct Image {
     pub name: &'static str,
@@ -106,9 +106,7 @@ pub fn build_all() -> Result {
 }
 
 fn build_one(img: &Image) -> Result {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("target"));
+    let target = crate::target_dir();
     let stage = target.join("images").join(img.name);
     let rootfs = stage.join("rootfs");
     let _ = std::fs::remove_dir_all(&stage);

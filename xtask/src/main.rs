@@ -104,6 +104,7 @@ fn test(extra: &[String]) -> Result {
     let mut t = cargo();
     t.args(["test", "--workspace"]).args(extra);
     run(t)?;
+    python_client_tests()?;
     validate_manifests()?;
     if e2e::available() {
         e2e::run(E2E_SECONDS)
@@ -111,6 +112,58 @@ fn test(extra: &[String]) -> Result {
         eprintln!("xtask test: no Docker engine, skipping the Docker end-to-end test");
         Ok(())
     }
+}
+
+/// The shared cargo target directory.
+fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"))
+}
+
+/// Python packages the client in clients/python needs to be tested.
+const PYTHON_TEST_PACKAGES: &[&str] = &[
+    "grpcio",
+    "grpcio-tools",
+    "grpcio-status",
+    "googleapis-common-protos",
+    "protobuf",
+    "pytest",
+];
+
+/// The Python client's tests (pytest) against three real `lock-svc`
+/// processes, the debug binary `cargo test --workspace` just built;
+/// installs what they need first if it is missing.
+fn python_client_tests() -> Result {
+    let have = Command::new("python3")
+        .args([
+            "-c",
+            "import grpc, grpc_tools, grpc_status, google.rpc, pytest",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        let mut pip = Command::new("python3");
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(PYTHON_TEST_PACKAGES);
+        run(pip)?;
+    }
+    let dir = root().join("clients/python");
+    let mut pytest = Command::new("python3");
+    pytest
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
+        .current_dir(&dir)
+        .env(
+            "DSYNC_LOCK_SVC_BIN",
+            target_dir().join("debug").join("lock-svc"),
+        );
+    run(pytest)
 }
 
 fn write_manifests() -> Result {
@@ -194,9 +247,7 @@ fn up(args: &[String]) -> Result {
         build.args(["-p", bin]);
     }
     run(build)?;
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("target"));
+    let target = target_dir();
     let mut children = Vec::new();
     for (bin, base, metrics) in SERVICES {
         let peers: Vec<String> = (1..=3u16)

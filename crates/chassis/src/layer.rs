@@ -107,7 +107,7 @@ fn rewrite_codec_error(resp: http::Response<BoxBody>) -> http::Response<BoxBody>
         .headers()
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .map(|m| percent_decode(m))
+        .map(percent_decode)
         .unwrap_or_default();
     if code == Code::OutOfRange && message.contains("decoded message length too large") {
         error(

@@ -956,8 +956,12 @@ impl LockState {
         let now = self.now_ms;
         let res = self.resources.get_mut(&resource).expect("held resource");
         if let Some(w) = res.queue.iter().find(|w| w.upgrade_of == Some(c.lock_id)) {
+            // A repeated upgrade re-attaches to the pending one (its call
+            // now answers for it).
+            let (id, old) = (w.id, w.call);
+            self.adopt(id, old, c.call_id);
             return Outcome {
-                result: Some(Res::Queued(Queued { waiter_id: w.id })),
+                result: Some(Res::Queued(Queued { waiter_id: id })),
             };
         }
         if res.holders.len() == 1 {

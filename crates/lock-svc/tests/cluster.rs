@@ -271,7 +271,53 @@ async fn followers_redirect_and_bad_input_gets_precise_statuses() {
     let hint = proto::leader_hint(&e).expect("leader hint");
     assert_eq!(hint.leader_id, l);
     assert_eq!(hint.leader_addr, c.addrs[&l]);
+    assert!(hint.term > 0, "the hint names the leader's term: {hint:?}");
     assert!(e.message().contains(&c.addrs[&l]), "{e:?}");
+    // The hint is a status detail (next to the ErrorInfo) and, for older
+    // clients, the `dsync-leader-bin` trailer; both say the same.
+    assert_eq!(proto::status::leader_hint_detail(&e), Some(hint.clone()));
+    assert!(e.metadata().get_bin(proto::LEADER_HINT_METADATA).is_some());
+    let info = proto::status::error_info(&e).expect("ErrorInfo");
+    assert_eq!(info.reason, "NOT_LEADER");
+    assert_eq!(info.metadata["leader_addr"], c.addrs[&l]);
+    assert_eq!(info.metadata["term"], hint.term.to_string());
+
+    // tonic's codec errors get documented codes and reasons: an oversized
+    // request, and one that is not an AcquireRequest at all.
+    let mut leader_raw = c.raw(l).await;
+    let e = leader_raw
+        .acquire(AcquireRequest {
+            session_id: 1,
+            resource: "r".repeat(70_000),
+            mode: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let info = proto::status::error_info(&e).expect("ErrorInfo");
+    assert_eq!(info.reason, "REQUEST_TOO_LARGE");
+    assert_eq!(info.metadata["limit_bytes"], "65536");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addrs[&l]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // Field 1 as a string where AcquireRequest has a varint.
+    let e = grpc
+        .unary::<GetStatusRequest, AcquireResponse, _>(
+            tonic::Request::new(GetStatusRequest {
+                resource: "not an acquire".into(),
+            }),
+            http::uri::PathAndQuery::from_static("/dsync.lock.v1.LockService/Acquire"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(proto::status::reason(&e), "MALFORMED_REQUEST");
 
     // The client, given only the follower, follows the hint.
     let client = LockClient::connect([c.addrs[&f].clone()]).unwrap();
