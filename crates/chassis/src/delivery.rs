@@ -229,6 +229,9 @@ struct TrackState {
     pending: Vec<PendingMessage>,
     /// Streams whose message was written, waiting for their end.
     ends: HashMap<u32, Delivery>,
+    /// DATA written per stream while a message is awaited (flow control
+    /// may split a message over frames); `None` once past the limit.
+    written_data: HashMap<u32, Option<Vec<u8>>>,
     /// Streams whose end was written, waiting for PING acknowledgements.
     acks: Vec<Unacked>,
     /// A PING must be written at the next frame boundary.
@@ -366,6 +369,7 @@ impl ConnTracker {
     /// Stream `stream` was reset: whatever it carried was not delivered.
     fn reset(&self, stream: u32) {
         let mut s = self.state.lock();
+        s.written_data.remove(&stream);
         let mut lost: Vec<Delivery> = s.ends.remove(&stream).into_iter().collect();
         while let Some(pos) = s.acks.iter().position(|u| u.stream == stream) {
             lost.push(s.acks.swap_remove(pos).delivery);
@@ -388,38 +392,59 @@ impl ConnTracker {
     }
 
     /// A whole frame went out on the socket.
-    fn wrote(&self, kind: u8, flags: u8, stream: u32, payload: Option<&[u8]>) {
-        let mut s = self.state.lock();
+    fn wrote(&self, kind: u8, stream: u32, payload: Option<&[u8]>, ends_stream: bool) {
         match kind {
-            FRAME_DATA => {
-                if let Some(p) = payload.and_then(|b| {
-                    s.pending
-                        .iter_mut()
-                        .find(|p| !p.written && p.data.as_ref() == b)
-                }) {
-                    p.written = true;
-                    let delivery = p.delivery.take();
-                    if let Some(w) = p.waker.take() {
-                        w.wake();
-                    }
-                    if let Some(d) = delivery {
-                        s.ends.insert(stream, d);
-                    }
-                }
-                drop(s);
-                if flags & FLAG_END_STREAM != 0 {
-                    self.ended(stream);
-                }
-            }
-            FRAME_HEADERS if flags & FLAG_END_STREAM != 0 => {
-                drop(s);
-                self.ended(stream);
-            }
+            FRAME_DATA => self.wrote_data(stream, payload),
             FRAME_RST_STREAM => {
-                drop(s);
                 self.reset(stream);
+                return;
             }
             _ => {}
+        }
+        if ends_stream {
+            self.state.lock().written_data.remove(&stream);
+            self.ended(stream);
+        }
+    }
+
+    /// Matches a stream's DATA so far against the awaited messages.
+    fn wrote_data(&self, stream: u32, payload: Option<&[u8]>) {
+        let mut guard = self.state.lock();
+        let s = &mut *guard;
+        if !s.pending.iter().any(|p| !p.written) {
+            s.written_data.clear();
+            return;
+        }
+        let so_far = s
+            .written_data
+            .entry(stream)
+            .or_insert_with(|| Some(Vec::new()));
+        match (so_far.as_mut(), payload) {
+            (Some(buf), Some(p)) if buf.len() + p.len() <= MAX_TRACKED_MESSAGE => {
+                buf.extend_from_slice(p)
+            }
+            _ => {
+                *so_far = None;
+                return;
+            }
+        }
+        let data = so_far.as_deref().expect("just extended");
+        let Some(pos) = s
+            .pending
+            .iter()
+            .position(|p| !p.written && p.data.as_ref() == data)
+        else {
+            return;
+        };
+        s.written_data.remove(&stream);
+        let p = &mut s.pending[pos];
+        p.written = true;
+        let delivery = p.delivery.take();
+        if let Some(w) = p.waker.take() {
+            w.wake();
+        }
+        if let Some(d) = delivery {
+            s.ends.insert(stream, d);
         }
     }
 
@@ -454,9 +479,12 @@ impl ConnTracker {
 const FRAME_DATA: u8 = 0;
 const FRAME_HEADERS: u8 = 1;
 const FRAME_RST_STREAM: u8 = 3;
+const FRAME_PUSH_PROMISE: u8 = 5;
 const FRAME_PING: u8 = 6;
+const FRAME_CONTINUATION: u8 = 9;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_ACK: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
 const CLIENT_PREFACE: usize = 24;
 
 /// Splits one direction of an HTTP/2 connection into frames as its bytes
@@ -468,6 +496,26 @@ struct FrameParser {
     head_len: usize,
     remaining: usize,
     capture: Option<Vec<u8>>,
+    /// An open header block (HEADERS without END_HEADERS, then
+    /// CONTINUATIONs): whether it ends its stream. Nothing may be written
+    /// between its frames.
+    block: Option<bool>,
+}
+
+/// Whether a frame (with the header block state before it) ends its
+/// stream, and the block state after it.
+fn frame_ends(kind: u8, flags: u8, block: Option<bool>) -> (bool, Option<bool>) {
+    let end_headers = flags & FLAG_END_HEADERS != 0;
+    match kind {
+        FRAME_DATA => (flags & FLAG_END_STREAM != 0, block),
+        FRAME_HEADERS | FRAME_PUSH_PROMISE if !end_headers => (
+            false,
+            Some(kind == FRAME_HEADERS && flags & FLAG_END_STREAM != 0),
+        ),
+        FRAME_HEADERS => (flags & FLAG_END_STREAM != 0, None),
+        FRAME_CONTINUATION if end_headers => (block.unwrap_or(false), None),
+        _ => (false, block),
+    }
 }
 
 impl FrameParser {
@@ -478,17 +526,19 @@ impl FrameParser {
             head_len: 0,
             remaining: 0,
             capture: None,
+            block: None,
         }
     }
 
     fn at_boundary(&self) -> bool {
-        self.skip_preface == 0 && self.head_len == 0
+        self.skip_preface == 0 && self.head_len == 0 && self.block.is_none()
     }
 
     /// How many bytes of `buf` reach the end of the first DATA or HEADERS
     /// frame that ends a stream, if `buf` holds that end.
     fn end_of_stream_in(&self, buf: &[u8]) -> Option<usize> {
         let (mut head, mut head_len, mut remaining) = (self.head, self.head_len, self.remaining);
+        let mut block = self.block;
         let mut i = 0;
         loop {
             if head_len < 9 {
@@ -507,9 +557,11 @@ impl FrameParser {
             if remaining > 0 {
                 return None;
             }
-            if matches!(head[3], FRAME_DATA | FRAME_HEADERS) && head[4] & FLAG_END_STREAM != 0 {
+            let (ends, after) = frame_ends(head[3], head[4], block);
+            if ends {
                 return Some(i);
             }
+            block = after;
             head_len = 0;
             if i == buf.len() {
                 return None;
@@ -518,12 +570,13 @@ impl FrameParser {
     }
 
     /// Feeds bytes; `capture(kind, len)` says whether to keep a frame's
-    /// payload; `frame(kind, flags, stream, payload)` sees each whole frame.
+    /// payload; `frame(kind, flags, stream, payload, ends_stream)` sees each
+    /// whole frame.
     fn feed(
         &mut self,
         mut bytes: &[u8],
         capture: impl Fn(u8, usize) -> bool,
-        mut frame: impl FnMut(u8, u8, u32, Option<&[u8]>),
+        mut frame: impl FnMut(u8, u8, u32, Option<&[u8]>, bool),
     ) {
         while !bytes.is_empty() {
             if self.skip_preface > 0 {
@@ -554,7 +607,9 @@ impl FrameParser {
             if self.remaining == 0 {
                 let h = self.head;
                 let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                frame(h[3], h[4], stream, self.capture.take().as_deref());
+                let (ends, after) = frame_ends(h[3], h[4], self.block);
+                self.block = after;
+                frame(h[3], h[4], stream, self.capture.take().as_deref(), ends);
                 self.head_len = 0;
             }
         }
@@ -641,7 +696,7 @@ impl AsyncRead for Tracked {
             this.incoming.feed(
                 &buf.filled()[before..],
                 |kind, len| kind == FRAME_PING && len == 8,
-                |kind, flags, stream, payload| tracker.read(kind, flags, stream, payload),
+                |kind, flags, stream, payload, _| tracker.read(kind, flags, stream, payload),
             );
         }
         r
@@ -671,7 +726,7 @@ impl AsyncWrite for Tracked {
                 |kind, len| {
                     kind == FRAME_DATA && len <= MAX_TRACKED_MESSAGE && tracker.wants_data()
                 },
-                |kind, flags, stream, payload| tracker.wrote(kind, flags, stream, payload),
+                |kind, _, stream, payload, ends| tracker.wrote(kind, stream, payload, ends),
             );
             // Best effort now; poll_flush and the next write finish it.
             let _ = this.poll_ping(cx);
@@ -720,7 +775,7 @@ mod tests {
             p.feed(
                 chunk,
                 |kind, len| kind == FRAME_DATA && len <= MAX_TRACKED_MESSAGE && t.wants_data(),
-                |k, f, s, b| t.wrote(k, f, s, b),
+                |k, _, s, b, e| t.wrote(k, s, b, e),
             );
         }
     }
@@ -751,7 +806,7 @@ mod tests {
                 r.feed(
                     &frame(6, 1, 0, &payload),
                     |k, l| k == FRAME_PING && l == 8,
-                    |k, f, s, b| t.read(k, f, s, b),
+                    |k, f, s, b, _| t.read(k, f, s, b),
                 );
             };
             let p1 = t.take_ping().expect("a PING follows the end");
@@ -779,7 +834,7 @@ mod tests {
         let mut r = FrameParser::new(CLIENT_PREFACE);
         let mut incoming = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         incoming.extend(frame(3, 0, 7, &[0, 0, 0, 8]));
-        r.feed(&incoming, |_, _| false, |k, f, s, b| t.read(k, f, s, b));
+        r.feed(&incoming, |_, _| false, |k, f, s, b, _| t.read(k, f, s, b));
         assert_eq!(lost.load(Ordering::SeqCst), 1);
         // Reset after its end was written but before the PING was acked.
         let (d, lost) = counted();
@@ -790,7 +845,7 @@ mod tests {
         r.feed(
             &frame(3, 0, 11, &[0, 0, 0, 8]),
             |_, _| false,
-            |k, f, s, b| t.read(k, f, s, b),
+            |k, f, s, b, _| t.read(k, f, s, b),
         );
         assert_eq!(lost.load(Ordering::SeqCst), 1);
         // The connection closes with a message written but no end: lost;
@@ -821,14 +876,79 @@ mod scan_tests {
     fn writes_are_cut_right_after_the_end_of_a_stream() {
         let mut bytes = vec![0, 0, 2, FRAME_DATA, 0, 0, 0, 0, 1, 9, 9];
         let end = bytes.len() + 9 + 3;
-        bytes.extend([0, 0, 3, FRAME_HEADERS, FLAG_END_STREAM, 0, 0, 0, 1, 7, 7, 7]);
+        bytes.extend([
+            0,
+            0,
+            3,
+            FRAME_HEADERS,
+            FLAG_END_STREAM | FLAG_END_HEADERS,
+            0,
+            0,
+            0,
+            1,
+            7,
+            7,
+            7,
+        ]);
         bytes.extend([0, 0, 1, FRAME_DATA, 0, 0, 0, 0, 3, 5]);
         let p = FrameParser::new(0);
         assert_eq!(p.end_of_stream_in(&bytes), Some(end));
         // From the middle of a frame, and when the end is not in the buffer.
         let mut q = FrameParser::new(0);
-        q.feed(&bytes[..4], |_, _| false, |_, _, _, _| {});
+        q.feed(&bytes[..4], |_, _| false, |_, _, _, _, _| {});
         assert_eq!(q.end_of_stream_in(&bytes[4..]), Some(end - 4));
         assert_eq!(p.end_of_stream_in(&bytes[..end - 1]), None);
+    }
+}
+
+#[cfg(test)]
+mod framing_tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        v.extend([kind, flags]);
+        v.extend(stream.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn a_message_split_by_flow_control_still_matches() {
+        let t = ConnTracker::default();
+        let mut p = FrameParser::new(0);
+        let id = t.register(Bytes::from_static(b"0123456789"), Delivery::new(|| {}));
+        let mut bytes = frame(FRAME_DATA, 0, 5, b"0123");
+        bytes.extend(frame(FRAME_DATA, 0, 7, b"0123456789-other-stream"));
+        bytes.extend(frame(FRAME_DATA, 0, 5, b"456789"));
+        p.feed(
+            &bytes,
+            |kind, len| kind == FRAME_DATA && len <= MAX_TRACKED_MESSAGE && t.wants_data(),
+            |k, _, s, b, e| t.wrote(k, s, b, e),
+        );
+        assert!(t.written(id, &futures::task::noop_waker()));
+        assert!(t.state.lock().ends.contains_key(&5));
+    }
+
+    #[test]
+    fn nothing_is_written_inside_a_header_block() {
+        let mut p = FrameParser::new(0);
+        // HEADERS ending the stream but not the header block, then its
+        // CONTINUATION: the stream ends with the CONTINUATION.
+        let mut bytes = frame(FRAME_HEADERS, FLAG_END_STREAM, 3, b"part");
+        let cont = frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 3, b"rest");
+        assert_eq!(p.end_of_stream_in(&bytes), None);
+        let mut ended = Vec::new();
+        p.feed(&bytes, |_, _| false, |_, _, s, _, e| ended.push((s, e)));
+        assert!(!p.at_boundary(), "a PING here would split the header block");
+        assert_eq!(p.end_of_stream_in(&cont), Some(cont.len()));
+        p.feed(&cont, |_, _| false, |_, _, s, _, e| ended.push((s, e)));
+        assert!(p.at_boundary());
+        assert_eq!(ended, vec![(3, false), (3, true)]);
+        bytes.extend(cont);
+        assert_eq!(
+            FrameParser::new(0).end_of_stream_in(&bytes),
+            Some(bytes.len())
+        );
     }
 }

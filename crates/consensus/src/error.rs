@@ -18,6 +18,11 @@ pub enum Error {
     /// it may or may not have been applied.
     #[error("timed out waiting for the group to commit or apply")]
     Timeout,
+    /// The proposal was appended, but this node can no longer tell whether
+    /// it will be (or was) applied: a snapshot superseded it, or the group
+    /// stopped with it in flight.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
     /// The proposal was dropped: leadership changed and its log slot was
     /// taken by another entry, or raft-rs refused it (e.g. a leader transfer
     /// in progress). It was not applied; retrying is safe.

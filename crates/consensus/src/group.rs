@@ -376,8 +376,11 @@ impl Driver {
     }
 
     fn fail_all(&mut self, err: Error) {
+        // Appended proposals may still commit on the other replicas.
         for (_, p) in std::mem::take(&mut self.pending) {
-            let _ = p.reply.send(Err(err.clone()));
+            let _ = p.reply.send(Err(Error::Unknown(format!(
+                "it was in flight when the group stopped here ({err})"
+            ))));
         }
         for (_, (_, r)) in self.reads.drain() {
             let _ = r.send(Err(err.clone()));
@@ -468,7 +471,7 @@ impl Driver {
         for (_, p) in std::mem::replace(&mut self.pending, later) {
             let _ = p
                 .reply
-                .send(Err(Error::Dropped("superseded by a snapshot".into())));
+                .send(Err(Error::Unknown("superseded by a snapshot".into())));
         }
         tracing::info!(group = self.group, index = meta.index, "installed snapshot");
         Ok(())

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | not the leader, leader known | `UNAVAILABLE` | `NOT_LEADER` (+ `LeaderHint`) |
 //! | no leader (election) | `UNAVAILABLE` | `NO_LEADER` (+ `LeaderHint`, id 0) |
-//! | timed out before commit | `UNAVAILABLE` | `OUTCOME_UNKNOWN` |
+//! | timed out before commit, or superseded / stopped in flight | `UNAVAILABLE` | `OUTCOME_UNKNOWN` |
 //! | dropped, not applied | `UNAVAILABLE` | `NOT_APPLIED` |
 //! | group stopped here | `UNAVAILABLE` | `REPLICA_STOPPING` |
 //! | invalid request | `INVALID_ARGUMENT` | `INVALID_ARGUMENT` |
@@ -51,6 +51,12 @@ pub fn to_status(e: &Error, group: u64) -> Status {
         Error::Timeout => error(
             Code::Unavailable,
             format!("group {group}: timed out before commit; the request may or may not have been applied (retry with the same request_id)"),
+            "OUTCOME_UNKNOWN",
+            [g],
+        ),
+        Error::Unknown(why) => error(
+            Code::Unavailable,
+            format!("group {group}: the outcome is unknown ({why}); the request may or may not have been applied (retry with the same request_id)"),
             "OUTCOME_UNKNOWN",
             [g],
         ),

@@ -39,6 +39,9 @@ struct WaitsInner {
 impl Waits {
     /// Resolves with the outcome of wait `id` (possibly decided already),
     /// or fails if the replica stops first.
+    /// A second listener for the same wait (a retry with the same request
+    /// id on this replica) replaces the first, whose receiver then fails
+    /// while the registry is open: it was superseded.
     pub fn wait(&self, id: u64) -> tokio::sync::oneshot::Receiver<Outcome> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut w = self.inner.lock();
@@ -48,6 +51,10 @@ impl Waits {
             w.listeners.insert(id, tx);
         }
         rx
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed
     }
 
     /// Fails every pending and future wait (the replica is stopping), so
@@ -69,12 +76,16 @@ impl Waits {
         }
         let mut w = self.inner.lock();
         for e in events {
-            match w.listeners.remove(&e.waiter_id) {
-                Some(tx) => {
-                    let _ = tx.send(e.outcome);
-                }
-                None => {
-                    w.unclaimed.insert(e.waiter_id, e.outcome);
+            // A listener whose handler went away leaves the outcome
+            // unclaimed, for a retry that re-attaches to the wait.
+            let undelivered = match w.listeners.remove(&e.waiter_id) {
+                Some(tx) => tx.send(e.outcome).err(),
+                None => Some(e.outcome),
+            };
+            match undelivered {
+                None => {}
+                Some(outcome) => {
+                    w.unclaimed.insert(e.waiter_id, outcome);
                     w.order.push_back(e.waiter_id);
                     while w.order.len() > UNCLAIMED {
                         if let Some(old) = w.order.pop_front() {

@@ -130,7 +130,10 @@ impl Locks {
             .await
             .map_err(|e| Failed {
                 status: to_status(&e, GROUP),
-                maybe_applied: matches!(e, consensus::Error::Timeout),
+                maybe_applied: matches!(
+                    e,
+                    consensus::Error::Timeout | consensus::Error::Unknown(_)
+                ),
             })?;
         let definite = |status| Failed {
             status,
@@ -155,10 +158,12 @@ impl Locks {
         })
     }
 
-    /// Proposes `Abandon(call)` until it commits. On a replica that lost
-    /// leadership it is forwarded to the leader instead (a few times: a
-    /// forwarded proposal may be lost, and Abandon is idempotent). If none
-    /// of that lands, the session's expiry remains the backstop.
+    /// Proposes `Abandon(call)` until it is applied. On a replica that lost
+    /// leadership it is forwarded to the leader instead; a forwarded
+    /// proposal may be lost, so after each try a linearizable read checks
+    /// whether the abandon landed (it always leaves a tombstone) or the
+    /// session is gone, and tries again (Abandon is idempotent). Gives up
+    /// only when this replica stops, or after a minute without a leader.
     async fn abandon(&self, call: u64, session: u64) {
         metrics::counter!("dsync_lock_abandoned_calls_total").increment(1);
         let bytes = cmd::Command {
@@ -169,31 +174,35 @@ impl Locks {
             })),
         }
         .encode_to_vec();
-        let mut forwarded = 0;
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut backoff = Duration::from_millis(50);
-        for _ in 0..10 {
+        loop {
             match self.group.propose(bytes.clone()).await {
                 Ok(_) => return,
                 Err(consensus::Error::Stopped(_)) => break,
                 Err(consensus::Error::NotLeader {
                     leader: Some(_), ..
                 }) => {
-                    if self.group.forward(bytes.clone()).is_ok() {
-                        forwarded += 1;
-                        if forwarded == 3 {
-                            return;
-                        }
-                    }
+                    let _ = self.group.forward(bytes.clone());
                 }
                 Err(_) => {}
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
+            if self.group.read_index().await.is_ok() {
+                let st = self.state.read();
+                if st.abandoned_set.contains(&call) || !st.sessions.contains_key(&session) {
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() > give_up {
+                break;
+            }
         }
         tracing::warn!(
             call,
             session,
-            "could not abandon a call; its session's expiry will clean up"
+            "could not abandon a call; it stays until its session ends"
         );
     }
 
@@ -201,22 +210,38 @@ impl Locks {
     /// cancel it (an outcome still arrives: granted if the grant won).
     /// If the handler goes away meanwhile, the caller's [`Delivery`]
     /// withdraws the wait.
-    async fn wait_for(&self, id: u64, timeout: Duration) -> Result<cmd::Granted, Status> {
+    /// A state machine's verdict (timed out, deadlock victim, withdrawn,
+    /// session ended) is definite: the wait is gone, nothing to abandon.
+    async fn wait_for(&self, id: u64, timeout: Duration) -> Result<cmd::Granted, Failed> {
         let mut rx = self.waits.wait(id);
-        let stopping = || {
-            error(
-                tonic::Code::Unavailable,
-                format!(
-                    "this replica is stopping; retry the acquire with the same request_id on another replica (wait {id})"
-                ),
-                "REPLICA_STOPPING",
-                [("waiter_id", id.to_string())],
-            )
-        };
         let outcome = tokio::select! {
             o = &mut rx => match o {
                 Ok(o) => Some(o),
-                Err(_) => return Err(stopping()),
+                Err(_) if self.waits.is_closed() => {
+                    return Err(Failed {
+                        status: error(
+                            tonic::Code::Unavailable,
+                            format!(
+                                "this replica is stopping; retry the acquire with the same request_id on another replica (wait {id} is withdrawn unless the retry takes it over first)"
+                            ),
+                            "REPLICA_STOPPING",
+                            [("waiter_id", id.to_string())],
+                        ),
+                        maybe_applied: true,
+                    })
+                }
+                // Another call with the same request_id took the wait over.
+                Err(_) => {
+                    return Err(Failed {
+                        status: error(
+                            tonic::Code::Aborted,
+                            format!("a retry of this acquire (same request_id) took wait {id} over"),
+                            "SUPERSEDED",
+                            [("waiter_id", id.to_string())],
+                        ),
+                        maybe_applied: false,
+                    })
+                }
             },
             _ = tokio::time::sleep(timeout) => None,
         };
@@ -235,24 +260,33 @@ impl Locks {
                     .and_then(|r| r.ok())
             }
         };
+        let definite = |status| Failed {
+            status,
+            maybe_applied: false,
+        };
         match outcome.and_then(|o| o.result) {
             Some(Res::Granted(g)) => Ok(g),
-            Some(Res::Error(e)) => Err(outcome_to_status(e)),
-            Some(_) => Err(unexpected("a wait")),
+            Some(Res::Error(e)) => Err(definite(outcome_to_status(e))),
+            Some(_) => Err(definite(unexpected("a wait"))),
             None => {
+                // The cancellation was not confirmed: the caller's delivery
+                // abandons the call.
                 self.waits.forget(id);
-                Err(error(
-                    tonic::Code::DeadlineExceeded,
-                    format!(
-                        "timed out after {} ms waiting (wait {id}); the wait is withdrawn",
-                        timeout.as_millis()
+                Err(Failed {
+                    status: error(
+                        tonic::Code::DeadlineExceeded,
+                        format!(
+                            "timed out after {} ms waiting (wait {id}); the wait is withdrawn",
+                            timeout.as_millis()
+                        ),
+                        "WAIT_TIMEOUT",
+                        [
+                            ("waiter_id", id.to_string()),
+                            ("waited_ms", timeout.as_millis().to_string()),
+                        ],
                     ),
-                    "WAIT_TIMEOUT",
-                    [
-                        ("waiter_id", id.to_string()),
-                        ("waited_ms", timeout.as_millis().to_string()),
-                    ],
-                ))
+                    maybe_applied: true,
+                })
             }
         }
     }
@@ -269,18 +303,22 @@ impl Locks {
         wait: Duration,
     ) -> Result<(cmd::Granted, Delivery), Status> {
         let delivery = self.answer_for(call, session);
-        let g = match self.propose_checked(c).await {
-            Ok(Res::Granted(g)) => g,
-            Ok(Res::Queued(q)) => self.wait_for(q.waiter_id, wait).await?,
+        let granted = match self.propose_checked(c).await {
+            Ok(Res::Granted(g)) => Ok(g),
+            Ok(Res::Queued(q)) => self.wait_for(q.waiter_id, wait).await,
             Ok(_) => return Err(unexpected("Acquire")),
+            Err(f) => Err(f),
+        };
+        match granted {
+            Ok(g) => Ok((g, delivery)),
             Err(f) => {
+                // A definite failure left nothing to abandon.
                 if !f.maybe_applied {
                     delivery.disarm();
                 }
-                return Err(f.status);
+                Err(f.status)
             }
-        };
-        Ok((g, delivery))
+        }
     }
 
     fn check_wait(&self, ms: Option<u64>) -> Result<Duration, Status> {
@@ -420,6 +458,7 @@ impl LockService for Locks {
             lock_id: g.lock_id,
             fencing_token: g.fencing_token,
             mode: g.mode,
+            call_id: call,
         });
         attach(&mut resp, delivery);
         Ok(resp)
@@ -489,6 +528,7 @@ impl LockService for Locks {
             .await?;
         let mut resp = Response::new(UpgradeResponse {
             fencing_token: g.fencing_token,
+            call_id: call,
         });
         attach(&mut resp, delivery);
         Ok(resp)

@@ -734,15 +734,17 @@ impl LockState {
         if call == 0 {
             return err(Reason::InvalidArgument, "call_id is required");
         }
-        let Some(id) = self.calls.get(&call).copied() else {
-            if self.abandoned_set.insert(call) {
-                self.abandoned.push_back(call);
-                while self.abandoned.len() > ABANDONED_REMEMBERED {
-                    if let Some(old) = self.abandoned.pop_front() {
-                        self.abandoned_set.remove(&old);
-                    }
+        // Always remembered: it refuses a command of the call that is still
+        // to come, and tells the proposer (by a read) that it landed.
+        if self.abandoned_set.insert(call) {
+            self.abandoned.push_back(call);
+            while self.abandoned.len() > ABANDONED_REMEMBERED {
+                if let Some(old) = self.abandoned.pop_front() {
+                    self.abandoned_set.remove(&old);
                 }
             }
+        }
+        let Some(id) = self.calls.get(&call).copied() else {
             return counts(0, 0);
         };
         if self.waiters.contains_key(&id) {
