@@ -19,7 +19,9 @@
 //!    written a DATA frame with exactly those bytes (which names the
 //!    stream);
 //! 2. when the connection has written that stream's end (HEADERS with
-//!    END_STREAM), it writes an HTTP/2 PING of its own right behind it;
+//!    END_STREAM), it writes an HTTP/2 PING of its own after it, at the
+//!    next frame boundary outside a header block (one PING serves every
+//!    stream that ended before it);
 //!    the client's HTTP/2 stack answers a PING only after it has read
 //!    every frame before it, so the ACK proves the response arrived. A
 //!    second PING round follows: a reset the client queued before the
@@ -29,9 +31,11 @@
 //!    dropped before step 1 (hyper saw RST_STREAM, or the connection
 //!    closed), when an RST_STREAM for the stream is read or written before
 //!    the ACKs, and when the connection closes before the stream's end was
-//!    written. A connection that closes after the end was written but
-//!    before the ACKs keeps it: the client may have read it, and releasing
-//!    a lock a client holds is worse than keeping one it lost.
+//!    written, or when the end is written after the client closed the
+//!    connection (EOF or an error on the read side). A connection that
+//!    closes after the end was written but before the ACKs keeps it: the
+//!    client may have read it, and releasing a lock a client holds is worse
+//!    than keeping one it lost.
 //!
 //! What remains is a client whose gRPC library had received the response
 //! when its caller gave up on the call: it was sent the answer, and learns
@@ -46,6 +50,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -54,6 +59,16 @@ use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+static KEPT_UNCONFIRMED: AtomicU64 = AtomicU64::new(0);
+
+/// Answers kept although their delivery was never confirmed: the
+/// connection closed after their end was written, before the PING rounds
+/// (also the metric `dsync_grpc_answers_kept_unconfirmed_total`). The one
+/// way a grant can outlive a client that never read it.
+pub fn kept_unconfirmed() -> u64 {
+    KEPT_UNCONFIRMED.load(Ordering::Relaxed)
+}
 
 /// Cleanup owed unless the call's answer reaches the transport.
 pub struct Delivery {
@@ -236,6 +251,9 @@ struct TrackState {
     acks: Vec<Unacked>,
     /// A PING must be written at the next frame boundary.
     ping_due: bool,
+    /// The client closed the connection (its side read EOF or an error):
+    /// anything written from now on is not read.
+    peer_closed: bool,
     last_ping: u32,
 }
 
@@ -313,13 +331,6 @@ impl ConnTracker {
         self.state.lock().pending.iter().any(|p| !p.written)
     }
 
-    /// Whether a stream's end may be written that must be followed by a
-    /// PING (so writes are cut after ends of streams).
-    fn outstanding(&self) -> bool {
-        let s = self.state.lock();
-        !s.ends.is_empty() || s.pending.iter().any(|p| !p.written)
-    }
-
     /// The PING frame to write now, if one is due.
     fn take_ping(&self) -> Option<[u8; 17]> {
         let mut s = self.state.lock();
@@ -380,6 +391,13 @@ impl ConnTracker {
 
     fn ended(&self, stream: u32) {
         let mut s = self.state.lock();
+        if s.peer_closed {
+            // Written after the client closed: it never read it.
+            let lost = s.ends.remove(&stream);
+            drop(s);
+            drop(lost);
+            return;
+        }
         if let Some(delivery) = s.ends.remove(&stream) {
             s.acks.push(Unacked {
                 stream,
@@ -461,6 +479,11 @@ impl ConnTracker {
         }
     }
 
+    /// The client closed its side of the connection.
+    fn peer_closed(&self) {
+        self.state.lock().peer_closed = true;
+    }
+
     /// The connection is gone. A stream whose end was never written was
     /// not delivered (a gRPC response without trailers is an error to the
     /// client). One whose end was written but not yet confirmed may have
@@ -472,6 +495,11 @@ impl ConnTracker {
         let kept: Vec<Delivery> = s.acks.drain(..).map(|u| u.delivery).collect();
         drop(s);
         drop(lost);
+        if !kept.is_empty() {
+            KEPT_UNCONFIRMED.fetch_add(kept.len() as u64, Ordering::Relaxed);
+            metrics::counter!("dsync_grpc_answers_kept_unconfirmed_total")
+                .increment(kept.len() as u64);
+        }
         kept.into_iter().for_each(Delivery::disarm);
     }
 }
@@ -532,41 +560,6 @@ impl FrameParser {
 
     fn at_boundary(&self) -> bool {
         self.skip_preface == 0 && self.head_len == 0 && self.block.is_none()
-    }
-
-    /// How many bytes of `buf` reach the end of the first DATA or HEADERS
-    /// frame that ends a stream, if `buf` holds that end.
-    fn end_of_stream_in(&self, buf: &[u8]) -> Option<usize> {
-        let (mut head, mut head_len, mut remaining) = (self.head, self.head_len, self.remaining);
-        let mut block = self.block;
-        let mut i = 0;
-        loop {
-            if head_len < 9 {
-                let n = (9 - head_len).min(buf.len() - i);
-                head[head_len..head_len + n].copy_from_slice(&buf[i..i + n]);
-                head_len += n;
-                i += n;
-                if head_len < 9 {
-                    return None;
-                }
-                remaining = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            }
-            let n = remaining.min(buf.len() - i);
-            remaining -= n;
-            i += n;
-            if remaining > 0 {
-                return None;
-            }
-            let (ends, after) = frame_ends(head[3], head[4], block);
-            if ends {
-                return Some(i);
-            }
-            block = after;
-            head_len = 0;
-            if i == buf.len() {
-                return None;
-            }
-        }
     }
 
     /// Feeds bytes; `capture(kind, len)` says whether to keep a frame's
@@ -690,6 +683,13 @@ impl AsyncRead for Tracked {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &r {
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                self.tracker.peer_closed();
+            }
+            Poll::Ready(Err(_)) => self.tracker.peer_closed(),
+            _ => {}
+        }
         if let Poll::Ready(Ok(())) = &r {
             let this = &mut *self;
             let tracker = &this.tracker;
@@ -711,14 +711,7 @@ impl AsyncWrite for Tracked {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         std::task::ready!(this.poll_ping(cx))?;
-        // While tracked answers are out, stop each write at the end of a
-        // stream, so a PING can follow right behind it.
-        let limit = if this.tracker.outstanding() {
-            this.out.end_of_stream_in(buf).unwrap_or(buf.len())
-        } else {
-            buf.len()
-        };
-        let r = Pin::new(&mut this.inner).poll_write(cx, &buf[..limit]);
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             let tracker = &this.tracker;
             this.out.feed(
@@ -869,39 +862,6 @@ mod tests {
 }
 
 #[cfg(test)]
-mod scan_tests {
-    use super::*;
-
-    #[test]
-    fn writes_are_cut_right_after_the_end_of_a_stream() {
-        let mut bytes = vec![0, 0, 2, FRAME_DATA, 0, 0, 0, 0, 1, 9, 9];
-        let end = bytes.len() + 9 + 3;
-        bytes.extend([
-            0,
-            0,
-            3,
-            FRAME_HEADERS,
-            FLAG_END_STREAM | FLAG_END_HEADERS,
-            0,
-            0,
-            0,
-            1,
-            7,
-            7,
-            7,
-        ]);
-        bytes.extend([0, 0, 1, FRAME_DATA, 0, 0, 0, 0, 3, 5]);
-        let p = FrameParser::new(0);
-        assert_eq!(p.end_of_stream_in(&bytes), Some(end));
-        // From the middle of a frame, and when the end is not in the buffer.
-        let mut q = FrameParser::new(0);
-        q.feed(&bytes[..4], |_, _| false, |_, _, _, _, _| {});
-        assert_eq!(q.end_of_stream_in(&bytes[4..]), Some(end - 4));
-        assert_eq!(p.end_of_stream_in(&bytes[..end - 1]), None);
-    }
-}
-
-#[cfg(test)]
 mod framing_tests {
     use super::*;
 
@@ -935,20 +895,17 @@ mod framing_tests {
         let mut p = FrameParser::new(0);
         // HEADERS ending the stream but not the header block, then its
         // CONTINUATION: the stream ends with the CONTINUATION.
-        let mut bytes = frame(FRAME_HEADERS, FLAG_END_STREAM, 3, b"part");
+        let bytes = frame(FRAME_HEADERS, FLAG_END_STREAM, 3, b"part");
         let cont = frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 3, b"rest");
-        assert_eq!(p.end_of_stream_in(&bytes), None);
         let mut ended = Vec::new();
         p.feed(&bytes, |_, _| false, |_, _, s, _, e| ended.push((s, e)));
         assert!(!p.at_boundary(), "a PING here would split the header block");
-        assert_eq!(p.end_of_stream_in(&cont), Some(cont.len()));
         p.feed(&cont, |_, _| false, |_, _, s, _, e| ended.push((s, e)));
         assert!(p.at_boundary());
         assert_eq!(ended, vec![(3, false), (3, true)]);
-        bytes.extend(cont);
-        assert_eq!(
-            FrameParser::new(0).end_of_stream_in(&bytes),
-            Some(bytes.len())
-        );
+        // A header block that ends the stream in one frame.
+        let whole = frame(FRAME_HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, 5, b"t");
+        p.feed(&whole, |_, _| false, |_, _, s, _, e| ended.push((s, e)));
+        assert_eq!(ended.last(), Some(&(5, true)));
     }
 }
