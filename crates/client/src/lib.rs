@@ -26,6 +26,8 @@ pub use proto::lock::v1::LockMode;
 pub fn replica_failed(err: &Status) -> bool {
     match err.code() {
         Code::Unavailable => true,
+        // The server noticed this client's per-attempt deadline first.
+        Code::DeadlineExceeded => proto::status::reason(err) == "CLIENT_DEADLINE",
         // tonic reports its client-side timeout as CANCELLED …
         Code::Cancelled => err.message().contains("Timeout expired"),
         // … and a connection that breaks mid-call as UNKNOWN.
