@@ -121,12 +121,19 @@ fn lock_svc_processes_form_a_cluster_usable_from_the_cli() {
     );
     let (ok, out) = dsync(&endpoints, &["lock", "list"]);
     assert!(ok && out.contains("orders/1"), "{out}");
-    // Try-lock from another session fails with a clear message.
-    let (ok, out) = dsync(
-        &endpoints,
-        &["lock", "acquire", "orders/1", "--timeout-ms", "0"],
+    // Try-lock from another session fails with a clear message, the
+    // reason, and exit status 2 ("not obtained").
+    let out = Command::new(dsync_bin())
+        .args(["--endpoints", &endpoints])
+        .args(["lock", "acquire", "orders/1", "--timeout-ms", "0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("busy") && text.contains("LOCK_BUSY"),
+        "{text}"
     );
-    assert!(!ok && out.contains("busy"), "{out}");
     // Bad input.
     let (ok, out) = dsync(
         &endpoints,

@@ -14,7 +14,11 @@ use dsync_client::{LockClient, LockMode};
 use tonic::Status;
 
 #[derive(Parser)]
-#[command(name = "dsync", about = "dsync command line")]
+#[command(
+    name = "dsync",
+    about = "dsync command line",
+    after_help = "Exit status: 0 on success, 2 when a lock was not obtained (busy try-lock or wait timed out), 1 on any other error; errors print the server's reason (e.g. LOCK_BUSY)."
+)]
 struct Cli {
     /// Replicas to talk to (any of them; the leader is found).
     #[arg(
@@ -156,8 +160,18 @@ async fn main() {
     let code = match run(cli).await {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {} ({:?})", e.message(), e.code());
-            1
+            let reason = proto::status::reason(&e);
+            if reason.is_empty() {
+                eprintln!("error: {} ({:?})", e.message(), e.code());
+            } else {
+                eprintln!("error: {} ({:?}, {reason})", e.message(), e.code());
+            }
+            // Scripts tell "the lock was not obtained" from failures.
+            if matches!(reason.as_str(), "LOCK_BUSY" | "WAIT_TIMEOUT") {
+                2
+            } else {
+                1
+            }
         }
     };
     // Exit now rather than wait for a name lookup still running in the
