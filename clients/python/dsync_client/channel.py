@@ -19,8 +19,8 @@ decides, from the error, whether to retry and where:
   details), ``OUTCOME_UNKNOWN``, ``REPLICA_STOPPING``: the call may have
   taken effect, so it is retried (on another replica) only when the caller
   says it is safe to repeat. Acquire and OpenSession carry a request id the
-  server deduplicates on; KeepAlive, Release, ReleaseAll, CloseSession and
-  reads are naturally repeatable; Upgrade and Downgrade are not.
+  server deduplicates on; KeepAlive, Release, ReleaseAll, CloseSession,
+  Upgrade, Downgrade and reads are safe to repeat (lock.proto, RETRIES).
 * anything else is the service's answer and is raised as is.
 
 Retries are bounded by an attempt count and an overall deadline; backoff

@@ -237,7 +237,9 @@ class Client:
         r = self.conn.call(
             lambda ch, t: self._stub(ch).Upgrade(req, timeout=t),
             timeout=self._wait_timeout(wait_timeout_ms),
-            safe_to_repeat=False,  # no request id: a repeat could queue twice
+            # A repeat re-attaches to the pending upgrade, or answers the
+            # token of a lock already EXCLUSIVE (lock.proto, RETRIES).
+            safe_to_repeat=True,
         )
         return r.fencing_token
 
@@ -247,7 +249,7 @@ class Client:
         r = self.conn.call(
             lambda ch, t: self._stub(ch).Downgrade(req, timeout=t),
             timeout=self.request_timeout,
-            safe_to_repeat=False,
+            safe_to_repeat=True,  # a SHARED lock answers its token
         )
         return r.fencing_token
 
