@@ -16,7 +16,9 @@ decides, from the error, whether to retry and where:
 * **not applied / overloaded** — refused before taking effect: back off and
   retry.
 * **ambiguous** — the connection broke mid-call (``UNAVAILABLE`` without
-  details), ``OUTCOME_UNKNOWN``, ``REPLICA_STOPPING``: the call may have
+  details), the attempt's own deadline passed (a hung or cut-off replica,
+  which is then no longer preferred), ``OUTCOME_UNKNOWN``,
+  ``REPLICA_STOPPING``: the call may have
   taken effect, so it is retried (on another replica) only when the caller
   says it is safe to repeat. Acquire and OpenSession carry a request id the
   server deduplicates on; KeepAlive, Release, ReleaseAll, CloseSession,
@@ -226,6 +228,7 @@ class LeaderChannel:
         timeout: float,
         safe_to_repeat: bool,
         retry_for: float | None = None,
+        waits: bool = False,
     ) -> T:
         """Runs ``invoke(channel, attempt_timeout)`` on the leader, following
         hints and retrying as the module docstring describes.
@@ -256,7 +259,7 @@ class LeaderChannel:
                 self._served(addr)
                 return result
 
-            v = self._decide(addr, err, safe_to_repeat)
+            v = self._decide(addr, err, safe_to_repeat, waits)
             err.maybe_repeated = maybe_applied
             maybe_applied = maybe_applied or v.maybe_applied
             # Follow a redirect at once, but not two in a row: replicas can
@@ -271,7 +274,7 @@ class LeaderChannel:
                 time.sleep(wait)
                 backoff = min(backoff * 2, 0.5)
 
-    def _decide(self, addr: str, err: DsyncError, safe_to_repeat: bool) -> Verdict:
+    def _decide(self, addr: str, err: DsyncError, safe_to_repeat: bool, waits: bool = False) -> Verdict:
         """What to do after a failed attempt on ``addr``."""
         hint = leader_hint(err) if err.code == grpc.StatusCode.UNAVAILABLE else None
         if hint is not None or err.reason in ("NOT_LEADER", "NO_LEADER"):
@@ -287,6 +290,13 @@ class LeaderChannel:
         if err.reason == "REPLICA_STOPPING":
             self._forget(addr)
             return Verdict(retry=safe_to_repeat, pause=True, maybe_applied=True)
+        if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.reason in ("", "CLIENT_DEADLINE"):
+            # This attempt's own deadline passed: the replica may be hung or
+            # cut off, so stop preferring it. A call that waits for a lock
+            # chose its deadline (the wait plus a margin): that is final.
+            # Others are retried elsewhere if safe (they may have applied).
+            self._forget(addr)
+            return Verdict(retry=safe_to_repeat and not waits, pause=True, maybe_applied=True)
         if err.code == grpc.StatusCode.UNAVAILABLE and not err.reason:
             # A replica that is down or unreachable, or a connection that
             # broke mid-call. If it never connected, nothing was sent.

@@ -22,6 +22,7 @@ build loads it by file path before any dependency is installed).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import re
@@ -140,7 +141,16 @@ def ensure(proto_dir: Path | None = None) -> None:
             f"dsync_client: generated stubs are missing and {proto_dir} has no protos; "
             "run `python -m dsync_client.codegen --proto-dir <repo>/proto`"
         )
-    generate(proto_dir)
+    # Processes importing at once generate one at a time; the rest find the
+    # stubs current once they hold the lock.
+    GEN_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(GEN_DIR.with_name("_gen.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not is_current(proto_dir):
+                generate(proto_dir)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,6 +298,13 @@ class DeadlockVictim(AbortedError):
     REASON = "DEADLOCK_VICTIM"
 
 
+class Superseded(AbortedError):
+    """A retry of this Acquire (same request_id) took its wait over; the
+    retry answers."""
+
+    REASON = "SUPERSEDED"
+
+
 class WaitWithdrawn(FailedPreconditionError):
     """The wait was withdrawn by a ReleaseAll / Release of the resource by the
     same session."""
@@ -344,6 +351,7 @@ _BY_REASON: dict[str, type[DsyncError]] = {
         LockBusy,
         WaitTimeout,
         DeadlockVictim,
+        Superseded,
         WaitWithdrawn,
         LimitReached,
         Internal,

@@ -143,8 +143,9 @@ class Client:
 
     def open_session(self, ttl_ms: int = 10_000, name: str = "") -> Session:
         """Opens a session kept alive in the background until closed."""
+        sent = time.monotonic()
         r = self.open_session_raw(ttl_ms, name)
-        return Session(self, r.session_id, r.ttl_ms, keep_alive=True)
+        return Session(self, r.session_id, r.ttl_ms, keep_alive=True, renewed_at=sent)
 
     def open_session_raw(self, ttl_ms: int = 10_000, name: str = "") -> lock_pb2.OpenSessionResponse:
         """Opens a session nothing keeps alive."""
@@ -159,8 +160,11 @@ class Client:
 
     def attach_session(self, session_id: int, *, keep_alive: bool = False) -> Session:
         """A :class:`Session` for an existing id (not closed on exit unless
-        ``keep_alive``, i.e. unless this object owns it)."""
-        return Session(self, session_id, 0, keep_alive=keep_alive)
+        ``keep_alive``, i.e. unless this object owns it and keeps it alive;
+        then one KeepAlive is sent at once, which also tells its TTL)."""
+        sent = time.monotonic()
+        ttl_ms = self.keep_alive(session_id).ttl_ms if keep_alive else 0
+        return Session(self, session_id, ttl_ms, keep_alive=keep_alive, renewed_at=sent)
 
     def keep_alive(
         self, session_id: int, *, timeout: float | None = None, retry_for: float | None = None
@@ -209,6 +213,7 @@ class Client:
         return self.conn.call(
             lambda ch, t: self._stub(ch).Acquire(req, timeout=t),
             timeout=self._wait_timeout(wait_timeout_ms),
+            waits=True,
             safe_to_repeat=True,
         )
 
@@ -237,6 +242,7 @@ class Client:
         r = self.conn.call(
             lambda ch, t: self._stub(ch).Upgrade(req, timeout=t),
             timeout=self._wait_timeout(wait_timeout_ms),
+            waits=True,
             # A repeat re-attaches to the pending upgrade, or answers the
             # token of a lock already EXCLUSIVE (lock.proto, RETRIES).
             safe_to_repeat=True,
@@ -310,7 +316,15 @@ class Session:
     closes it (releasing its locks) on exit.
     """
 
-    def __init__(self, client: Client, session_id: int, ttl_ms: int, *, keep_alive: bool) -> None:
+    def __init__(
+        self,
+        client: Client,
+        session_id: int,
+        ttl_ms: int,
+        *,
+        keep_alive: bool,
+        renewed_at: float | None = None,
+    ) -> None:
         self.client = client
         self.id = session_id
         self.ttl_ms = ttl_ms
@@ -319,6 +333,9 @@ class Session:
         self._closed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the last acknowledged KeepAlive (or the open) was *sent*: the
+        # server's TTL runs from no earlier than that.
+        self._renewed_at = time.monotonic() if renewed_at is None else renewed_at
         if keep_alive and ttl_ms > 0:
             self._thread = threading.Thread(
                 target=Session._keep_alive_loop,
@@ -334,9 +351,28 @@ class Session:
 
     @property
     def lost(self) -> bool:
-        """True once the service said this session expired or does not exist:
-        its locks are gone."""
+        """True once the service said this session expired or does not exist,
+        or once a TTL has passed on this client's clock since the last
+        acknowledged keep-alive was sent (its locks may be gone: stop acting
+        on them)."""
+        if self._lost is None and self._thread is not None and self.expired_by_clock():
+            self._mark_lost(
+                SessionExpired(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"session {self.id}: no keep-alive acknowledged within its TTL of {self.ttl_ms} ms",
+                    "SESSION_EXPIRED",
+                    {"session_id": str(self.id)},
+                )
+            )
         return self._lost is not None
+
+    def valid_until(self) -> float:
+        """``time.monotonic()`` before which the session certainly has not
+        expired: the last acknowledged keep-alive's send time plus the TTL."""
+        return self._renewed_at + self.ttl_ms / 1000
+
+    def expired_by_clock(self) -> bool:
+        return self.ttl_ms > 0 and time.monotonic() >= self.valid_until()
 
     def _mark_lost(self, e: DsyncError) -> None:
         if self._lost is None:
@@ -346,7 +382,7 @@ class Session:
 
     def check(self) -> None:
         """Raises :class:`SessionExpired` if the session is lost or closed."""
-        if self._lost is not None:
+        if self.lost:
             raise SessionExpired(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session {self.id} is lost: {self._lost.message}",
@@ -372,11 +408,16 @@ class Session:
         while not stop.wait(delay):
             if client.conn.closed or ref() is None:
                 return
+            sent = time.monotonic()
             try:
-                # Each round may retry for up to a third of the TTL (ample
-                # for an election), leaving the next round time to succeed.
-                client.keep_alive(session_id, timeout=interval, retry_for=interval)
-                delay = interval
+                # A round (attempts of at most half an interval each, moving
+                # off a hung replica) ends within a third of the TTL, and the
+                # next starts a third of the TTL after this one was sent.
+                client.keep_alive(session_id, timeout=interval / 2, retry_for=interval / 2)
+                session = ref()
+                if session is not None:
+                    session._renewed_at = max(session._renewed_at, sent)
+                delay = max(0.0, sent + interval - time.monotonic())
             except DsyncError as e:
                 # The only "no" KeepAlive can get is "no such session"; treat
                 # the bare codes the same for servers without reasons.
@@ -440,13 +481,15 @@ class Session:
         self._stop.set()
         if self._closed or self._lost is not None:
             return None
-        self._closed = True
         try:
-            return self.client.close_session(self.id)
+            r = self.client.close_session(self.id)
         except DsyncError as e:
             if _session_gone(e):
+                self._closed = True
                 return None
-            raise
+            raise  # not closed yet: close() may be called again
+        self._closed = True
+        return r
 
     def __enter__(self) -> Session:
         return self

@@ -95,6 +95,7 @@ def test_reason_maps_to_its_class_with_metadata() -> None:
         ("LOCK_BUSY", grpc.StatusCode.ABORTED, dc.LockBusy),
         ("WAIT_TIMEOUT", grpc.StatusCode.DEADLINE_EXCEEDED, dc.WaitTimeout),
         ("DEADLOCK_VICTIM", grpc.StatusCode.ABORTED, dc.DeadlockVictim),
+        ("SUPERSEDED", grpc.StatusCode.ABORTED, dc.Superseded),
         ("WAIT_WITHDRAWN", grpc.StatusCode.FAILED_PRECONDITION, dc.WaitWithdrawn),
         ("LIMIT_REACHED", grpc.StatusCode.RESOURCE_EXHAUSTED, dc.LimitReached),
         ("INTERNAL", grpc.StatusCode.INTERNAL, dc.Internal),
@@ -196,7 +197,11 @@ def test_retry_rules() -> None:
         assert decide(status_error(U, "x", info("NOT_APPLIED")), False)[0]
         assert decide(status_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "x", info("OVERLOADED")), False)[0]
         assert not decide(status_error(grpc.StatusCode.ABORTED, "x", info("LOCK_BUSY")), True)[0]
-        assert not decide(FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), True)[0]
+        # An attempt's own deadline: retried elsewhere when safe, unless the
+        # call waits for a lock (its deadline is the caller's choice).
+        late = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        assert decide(late, True)[0] and not decide(late, False)[0]
+        assert not ch._decide("a:1", errors.from_rpc_error(late), True, waits=True).retry
         # A hint to another replica: retried at once there, for any call.
         hinted = status_error(U, "nl", info("NOT_LEADER", leader_id="2", leader_addr="b:1", term="3"))
         assert decide(hinted, False) == (True, False) and ch.leader == "b:1"

@@ -112,3 +112,40 @@ def test_session_and_lock_survive_leader_kill(make_cluster: Callable[[], Cluster
             waiter.close()
     finally:
         c.stop()
+
+
+def test_session_survives_a_hung_leader(make_cluster: Callable[[], Cluster]) -> None:
+    """SIGSTOP the leader (its connections stay open, nothing answers): the
+    keep-alives move off it within their per-attempt deadline, the other two
+    elect a leader, and the session (TTL 3 s) and its lock survive. A
+    session whose keep-alives cannot get through is reported lost on the
+    client's own clock once its TTL has passed."""
+    import os
+    import signal
+
+    c = make_cluster()  # private: this test freezes a replica
+    ttl_ms = 3_000
+    try:
+        leader = c.leader_index()
+        with Client(c.endpoints) as client:
+            s = client.open_session(ttl_ms=ttl_ms, name="py-hung-leader")
+            lock = s.acquire("py/hung", "exclusive", wait_timeout_ms=5_000)
+            os.kill(c.procs[leader].pid, signal.SIGSTOP)
+            try:
+                c.leader_index(exclude=(leader,))
+                time.sleep(3 * ttl_ms / 1000)  # three TTLs on the new leader
+                assert not s.lost, "the session expired although a quorum was up"
+                holders = list(client.status("py/hung").holders)
+                assert [(h.session_id, h.fencing_token) for h in holders] == [(s.id, lock.fencing_token)]
+            finally:
+                os.kill(c.procs[leader].pid, signal.SIGCONT)
+            lock.release()
+            s.close()
+
+            # A session nobody keeps alive any more is lost on the clock.
+            t = client.open_session(ttl_ms=1_000, name="py-clock")
+            t._stop.set()  # stop its keep-alive thread, as if starved
+            time.sleep(1.2)
+            assert t.lost and t.expired_by_clock()
+    finally:
+        c.stop()
