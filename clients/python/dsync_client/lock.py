@@ -450,11 +450,16 @@ class Session:
         resource: str,
         mode: ModeLike = LockMode.EXCLUSIVE,
         wait_timeout_ms: int | None = None,
+        *,
+        request_id: int | None = None,
     ) -> Lock:
         """Acquires ``resource`` (None = the server's default wait of 30 s,
-        0 = try-lock) and returns the held :class:`Lock`."""
+        0 = try-lock) and returns the held :class:`Lock`. Pass your own
+        ``request_id`` (see :func:`new_request_id`) to be able to learn the
+        outcome of an acquire you gave up on: repeating it with the same id
+        answers the same grant, or re-attaches to the same wait."""
         m = LockMode.parse(mode)
-        r = self._call(self.client.acquire, resource, m, wait_timeout_ms)
+        r = self._call(self.client.acquire, resource, m, wait_timeout_ms, request_id=request_id)
         return Lock(self, resource, r.lock_id, r.fencing_token, _mode_or(r.mode, m))
 
     def lock(

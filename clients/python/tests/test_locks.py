@@ -235,3 +235,16 @@ def test_lock_misuse_reasons(client: Client) -> None:
         with pytest.raises(dc.LockNotFound) as missing:
             client.release(s.id, lock_id=987_654_321)
         assert missing.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_repeating_an_acquire_with_its_request_id_answers_the_same_grant(client: Client) -> None:
+    """The contract's recovery step for a caller that gave up on an Acquire:
+    the same request_id answers the grant it got (and takes it over)."""
+    from dsync_client import new_request_id
+
+    with client.open_session(name="py-request-id") as s:
+        rid = new_request_id()
+        first = s.acquire("py/request-id", "exclusive", wait_timeout_ms=0, request_id=rid)
+        again = s.acquire("py/request-id", "exclusive", wait_timeout_ms=0, request_id=rid)
+        assert (again.lock_id, again.fencing_token) == (first.lock_id, first.fencing_token)
+        again.release()
