@@ -114,6 +114,20 @@ fn test(extra: &[String]) -> Result {
     }
 }
 
+/// `pip install`s Python packages (the registry is PyPI).
+fn pip_install(packages: &[&str]) -> Result {
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(packages);
+    run(pip)
+}
+
 /// The shared cargo target directory.
 fn target_dir() -> PathBuf {
     std::env::var("CARGO_TARGET_DIR")
@@ -143,16 +157,7 @@ fn python_client_tests() -> Result {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        let mut pip = Command::new("python3");
-        pip.args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(PYTHON_TEST_PACKAGES);
-        run(pip)?;
+        pip_install(PYTHON_TEST_PACKAGES)?;
     }
     let dir = root().join("clients/python");
     let mut pytest = Command::new("python3");
@@ -192,16 +197,7 @@ fn validate_manifests() -> Result {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        let mut pip = Command::new("python3");
-        pip.args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "kubernetes-validate",
-        ]);
-        run(pip)?;
+        pip_install(&["kubernetes-validate"])?;
     }
     let mut v = Command::new("kubernetes-validate");
     v.args(["--strict", "-k", KUBERNETES_VERSION]);

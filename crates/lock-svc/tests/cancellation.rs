@@ -197,29 +197,78 @@ struct Attempt {
     received: bool,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abandoned_acquires_leave_no_lock_or_wait_behind() {
+type Raw = LockServiceClient<Channel>;
+
+/// A cluster, the leader's address, a raw client to it, and two sessions:
+/// "me" (whose calls are judged) and `other`.
+async fn setup(other: &str) -> (Cluster, String, Raw, u64, u64) {
     let c = Cluster::start().await;
     let l = c.leader().await;
     let addr = c.addrs[&l].clone();
     let mut admin = c.raw(l).await;
-    let open = |name: &str| OpenSessionRequest {
-        ttl_ms: 60_000,
-        client_name: name.into(),
-        request_id: 0,
-    };
-    let me = admin
-        .open_session(open("me"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let other = admin
-        .open_session(open("other"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
+    let mut ids = Vec::new();
+    for name in ["me", other] {
+        let r = admin
+            .open_session(OpenSessionRequest {
+                ttl_ms: 60_000,
+                client_name: name.into(),
+                request_id: 0,
+            })
+            .await
+            .unwrap();
+        ids.push(r.into_inner().session_id);
+    }
+    (c, addr, admin, ids[0], ids[1])
+}
+
+/// The resources `session` holds once abandons have settled (the same
+/// answer three times, 300 ms apart; at most 20 s), checking it waits for
+/// nothing.
+async fn settled(admin: &mut Raw, session: u64) -> BTreeSet<String> {
+    let mut held = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stable = 0;
+    loop {
+        let waits = admin
+            .list_sessions(ListSessionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions
+            .iter()
+            .find(|s| s.session_id == session)
+            .expect("session alive")
+            .waits;
+        let locks: BTreeSet<String> = admin
+            .list_locks(ListLocksRequest {
+                page_size: 1000,
+                page_token: String::new(),
+                session_id: session,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .locks
+            .into_iter()
+            .map(|h| h.resource)
+            .collect();
+        stable = if waits == 0 && locks == held {
+            stable + 1
+        } else {
+            0
+        };
+        held = locks;
+        if stable >= 3 || Instant::now() > deadline {
+            assert_eq!(waits, 0, "waits left behind");
+            return held;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_acquires_leave_no_lock_or_wait_behind() {
+    let (c, addr, mut admin, me, other) = setup("other").await;
 
     const ATTEMPTS: usize = 400;
     let kept_before = chassis::delivery::kept_unconfirmed();
@@ -308,45 +357,7 @@ async fn abandoned_acquires_leave_no_lock_or_wait_behind() {
         .await
         .unwrap();
     // Abandons are proposed in the background; wait until they settle.
-    let mut held_now = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut stable = 0;
-    loop {
-        let sessions = admin
-            .list_sessions(ListSessionsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .sessions;
-        let mine = sessions
-            .iter()
-            .find(|s| s.session_id == me)
-            .expect("session alive");
-        let locks: BTreeSet<String> = admin
-            .list_locks(ListLocksRequest {
-                page_size: 1000,
-                page_token: String::new(),
-                session_id: me,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .locks
-            .into_iter()
-            .map(|h| h.resource)
-            .collect();
-        stable = if mine.waits == 0 && locks == held_now {
-            stable + 1
-        } else {
-            0
-        };
-        held_now = locks;
-        if stable >= 3 || Instant::now() > deadline {
-            assert_eq!(mine.waits, 0, "waits left behind");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let held_now = settled(&mut admin, me).await;
 
     let granted = |a: &Attempt| matches!(a.told, Some(Ok(_)));
     let told: BTreeSet<String> = attempts
@@ -423,27 +434,7 @@ async fn abandoned_acquires_leave_no_lock_or_wait_behind() {
 /// the whole response" is judged per stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_sharing_a_connection_are_told_apart() {
-    let c = Cluster::start().await;
-    let l = c.leader().await;
-    let addr = c.addrs[&l].clone();
-    let mut admin = c.raw(l).await;
-    let open = |name: &str| OpenSessionRequest {
-        ttl_ms: 60_000,
-        client_name: name.into(),
-        request_id: 0,
-    };
-    let me = admin
-        .open_session(open("me"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let bulk = admin
-        .open_session(open("bulk"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
+    let (c, addr, mut admin, me, bulk) = setup("bulk").await;
     // Bulk locks with long names make each ListLocks page ~250 KB.
     for i in 0..500 {
         admin
@@ -533,30 +524,7 @@ async fn calls_sharing_a_connection_are_told_apart() {
     // Let the last frames (and the PING rounds) cross before judging.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let mut held_now = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut stable = 0;
-    loop {
-        let locks: BTreeSet<String> = admin
-            .list_locks(ListLocksRequest {
-                page_size: 1000,
-                page_token: String::new(),
-                session_id: me,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .locks
-            .into_iter()
-            .map(|h| h.resource)
-            .collect();
-        stable = if locks == held_now { stable + 1 } else { 0 };
-        held_now = locks;
-        if stable >= 3 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let held_now = settled(&mut admin, me).await;
     let names: Vec<String> = results.iter().map(|(r, _)| r.clone()).collect();
     let (streams, whole) = {
         let w = log.lock();
