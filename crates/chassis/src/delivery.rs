@@ -133,10 +133,9 @@ pin_project_lite::pin_project! {
         inner: B,
         delivery: Option<Delivery>,
         tracker: Option<Arc<ConnTracker>>,
-        // The registration of the message frame, once yielded.
+        // The registration of the message frame, once yielded: while it is
+        // set, the trailers are not polled (step 1).
         registered: Option<u64>,
-        // Trailers held back until the message is on the wire.
-        held: Option<http::HeaderMap>,
     }
 
     impl<B> PinnedDrop for Delivering<B> {
@@ -157,7 +156,6 @@ impl<B> Delivering<B> {
             delivery: Some(delivery),
             tracker,
             registered: None,
-            held: None,
         }
     }
 }
@@ -177,9 +175,6 @@ impl<B: Body<Data = Bytes>> Body for Delivering<B> {
                 return Poll::Pending;
             }
             *this.registered = None;
-            if let Some(trailers) = this.held.take() {
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-            }
         }
         let polled = this.inner.poll_frame(cx);
         match (&polled, this.tracker.as_ref()) {
@@ -189,19 +184,6 @@ impl<B: Body<Data = Bytes>> Body for Delivering<B> {
                 let data = frame.data_ref().expect("a data frame").clone();
                 let d = this.delivery.take().expect("checked");
                 *this.registered = Some(t.register(data, d));
-            }
-            (Poll::Ready(Some(Ok(frame))), Some(t))
-                if frame.is_trailers() && this.registered.is_some() =>
-            {
-                let id = this.registered.expect("checked");
-                if !t.written(id, cx.waker()) {
-                    // Hold the trailers back (step 1); the tracker wakes us.
-                    if let Poll::Ready(Some(Ok(frame))) = polled {
-                        *this.held = frame.into_trailers().ok();
-                    }
-                    return Poll::Pending;
-                }
-                *this.registered = None;
             }
             (Poll::Ready(Some(Ok(frame))), None) if frame.is_trailers() => {
                 if let Some(d) = this.delivery.take() {
@@ -219,7 +201,7 @@ impl<B: Body<Data = Bytes>> Body for Delivering<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.registered.is_none() && self.inner.is_end_stream()
+        self.registered.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -227,8 +209,8 @@ impl<B: Body<Data = Bytes>> Body for Delivering<B> {
     }
 }
 
-/// Largest message frame matched byte for byte; larger answers are
-/// disarmed when the body ends (they carry no grants here).
+/// Largest message matched byte for byte; a larger answer (none carries a
+/// grant here) is counted as delivered when it is registered.
 const MAX_TRACKED_MESSAGE: usize = 4096;
 
 /// What one connection knows about the tracked answers it carries.
@@ -285,15 +267,9 @@ impl ConnTracker {
         s.next_id += 1;
         let id = s.next_id;
         if data.len() > MAX_TRACKED_MESSAGE {
-            // Too large to match: count it as written (see the const).
+            // Too large to match (see the const); an id `written` does not
+            // know counts as written.
             delivery.disarm();
-            s.pending.push(PendingMessage {
-                id,
-                data: Bytes::new(),
-                delivery: None,
-                written: true,
-                waker: None,
-            });
             return id;
         }
         s.pending.push(PendingMessage {

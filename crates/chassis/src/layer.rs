@@ -103,11 +103,8 @@ fn rewrite_codec_error(resp: http::Response<BoxBody>) -> http::Response<BoxBody>
     {
         return resp;
     }
-    let message = resp
-        .headers()
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(percent_decode)
+    let message = tonic::Status::from_header_map(resp.headers())
+        .map(|s| s.message().to_owned())
         .unwrap_or_default();
     if code == Code::OutOfRange && message.contains("decoded message length too large") {
         error(
@@ -146,28 +143,6 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
-}
-
-/// Decodes grpc-message's percent-encoding (RFC 3986 style).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -304,7 +279,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_timeout_and_message_decoding() {
+    fn grpc_timeout_parsing() {
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
         assert_eq!(
@@ -314,10 +289,5 @@ mod tests {
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
-        assert_eq!(
-            percent_decode("failed%20to%20decode%20Protobuf%20message%3A"),
-            "failed to decode Protobuf message:"
-        );
-        assert_eq!(percent_decode("100%"), "100%");
     }
 }

@@ -99,6 +99,16 @@ struct Failed {
     maybe_applied: bool,
 }
 
+impl Failed {
+    /// A failure that certainly changed nothing.
+    fn definite(status: Status) -> Self {
+        Self {
+            status,
+            maybe_applied: false,
+        }
+    }
+}
+
 impl From<Failed> for Status {
     fn from(f: Failed) -> Status {
         f.status
@@ -135,16 +145,12 @@ impl Locks {
                     consensus::Error::Timeout | consensus::Error::Unknown(_)
                 ),
             })?;
-        let definite = |status| Failed {
-            status,
-            maybe_applied: false,
-        };
         let outcome = Outcome::decode(bytes.as_slice())
-            .map_err(|e| definite(Status::internal(format!("undecodable outcome: {e}"))))?;
+            .map_err(|e| Failed::definite(Status::internal(format!("undecodable outcome: {e}"))))?;
         match outcome.result {
-            Some(Res::Error(e)) => Err(definite(outcome_to_status(e))),
+            Some(Res::Error(e)) => Err(Failed::definite(outcome_to_status(e))),
             Some(r) => Ok(r),
-            None => Err(definite(unexpected("an empty outcome"))),
+            None => Err(Failed::definite(unexpected("an empty outcome"))),
         }
     }
 
@@ -209,9 +215,9 @@ impl Locks {
     /// Blocks until wait `id` is decided; after `timeout` asks Raft to
     /// cancel it (an outcome still arrives: granted if the grant won).
     /// If the handler goes away meanwhile, the caller's [`Delivery`]
-    /// withdraws the wait.
-    /// A state machine's verdict (timed out, deadlock victim, withdrawn,
-    /// session ended) is definite: the wait is gone, nothing to abandon.
+    /// withdraws the wait. A state machine's verdict (timed out, deadlock
+    /// victim, withdrawn, session ended) is definite: the wait is gone,
+    /// nothing to abandon.
     async fn wait_for(&self, id: u64, timeout: Duration) -> Result<cmd::Granted, Failed> {
         let mut rx = self.waits.wait(id);
         let outcome = tokio::select! {
@@ -232,15 +238,12 @@ impl Locks {
                 }
                 // Another call with the same request_id took the wait over.
                 Err(_) => {
-                    return Err(Failed {
-                        status: error(
-                            tonic::Code::Aborted,
-                            format!("a retry of this acquire (same request_id) took wait {id} over"),
-                            "SUPERSEDED",
-                            [("waiter_id", id.to_string())],
-                        ),
-                        maybe_applied: false,
-                    })
+                    return Err(Failed::definite(error(
+                        tonic::Code::Aborted,
+                        format!("a retry of this acquire (same request_id) took wait {id} over"),
+                        "SUPERSEDED",
+                        [("waiter_id", id.to_string())],
+                    )))
                 }
             },
             _ = tokio::time::sleep(timeout) => None,
@@ -260,14 +263,10 @@ impl Locks {
                     .and_then(|r| r.ok())
             }
         };
-        let definite = |status| Failed {
-            status,
-            maybe_applied: false,
-        };
         match outcome.and_then(|o| o.result) {
             Some(Res::Granted(g)) => Ok(g),
-            Some(Res::Error(e)) => Err(definite(outcome_to_status(e))),
-            Some(_) => Err(definite(unexpected("a wait"))),
+            Some(Res::Error(e)) => Err(Failed::definite(outcome_to_status(e))),
+            Some(_) => Err(Failed::definite(unexpected("a wait"))),
             None => {
                 // The cancellation was not confirmed: the caller's delivery
                 // abandons the call.

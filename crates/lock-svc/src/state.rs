@@ -230,8 +230,9 @@ pub struct LockState {
     /// Call id → the wait or lock that call owns (answers for).
     #[serde(default)]
     pub calls: BTreeMap<u64, u64>,
-    /// Calls abandoned before their command applied, oldest first: their
-    /// command is refused when it arrives.
+    /// Abandoned calls, oldest first (bounded): a command of one that
+    /// arrives later is refused, and the abandoning replica reads here
+    /// that its Abandon landed.
     #[serde(default)]
     pub abandoned: VecDeque<u64>,
     #[serde(default)]
@@ -688,9 +689,7 @@ impl LockState {
     }
 
     fn disown(&mut self, call: u64, id: u64) {
-        if call != 0 && self.calls.get(&call) == Some(&id) {
-            self.calls.remove(&call);
-        }
+        disown(&mut self.calls, call, id);
     }
 
     /// A retry (same request id) by call `new` takes over wait or lock `id`
@@ -729,7 +728,7 @@ impl LockState {
 
     /// The handler of `call` went away before its answer reached the
     /// client: withdraw the wait or release the lock the call answers for.
-    /// Unknown calls leave a tombstone (their command may still arrive).
+    /// Every abandoned call leaves a tombstone (see `abandoned`).
     fn abandon(&mut self, call: u64, events: &mut Vec<Event>) -> Outcome {
         if call == 0 {
             return err(Reason::InvalidArgument, "call_id is required");
@@ -1270,9 +1269,7 @@ impl LockState {
             .position(|w| w.id == waiter_id)
             .expect("queued");
         let w = res.queue.remove(pos).expect("present");
-        if w.call != 0 && self.calls.get(&w.call) == Some(&waiter_id) {
-            self.calls.remove(&w.call);
-        }
+        self.disown(w.call, waiter_id);
         if let Some(s) = self.sessions.get_mut(&w.session) {
             s.waits.remove(&waiter_id);
             s.requests.retain(|_, id| *id != waiter_id);
@@ -1299,9 +1296,7 @@ impl LockState {
                     .expect("upgrading lock is held");
                 h.mode = Mode::Exclusive;
                 h.token = token;
-                if w.call != 0 && self.calls.get(&w.call) == Some(&w.id) {
-                    self.calls.remove(&w.call);
-                }
+                disown(&mut self.calls, w.call, w.id);
                 self.waiters.remove(&w.id);
                 if let Some(s) = self.sessions.get_mut(&w.session) {
                     s.waits.remove(&w.id);
@@ -1370,6 +1365,14 @@ impl LockState {
 
     pub fn waiter_count(&self) -> usize {
         self.waiters.len()
+    }
+}
+
+/// Forgets that `call` answers for `id` (if it still does). A free function
+/// so it can be used while a resource of the state is borrowed.
+fn disown(calls: &mut BTreeMap<u64, u64>, call: u64, id: u64) {
+    if call != 0 && calls.get(&call) == Some(&id) {
+        calls.remove(&call);
     }
 }
 
