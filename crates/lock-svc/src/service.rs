@@ -84,13 +84,17 @@ fn invalid(field: &str, message: impl Into<String>) -> Status {
     )
 }
 
-fn unexpected(what: &str) -> Status {
+fn internal(message: String) -> Status {
     error(
         tonic::Code::Internal,
-        format!("unexpected state machine outcome for {what}"),
+        message,
         "INTERNAL",
         std::iter::empty::<(String, String)>(),
     )
+}
+
+fn unexpected(what: &str) -> Status {
+    internal(format!("unexpected state machine outcome for {what}"))
 }
 
 /// Why a proposal failed, and whether its command may have been applied.
@@ -146,7 +150,7 @@ impl Locks {
                 ),
             })?;
         let outcome = Outcome::decode(bytes.as_slice())
-            .map_err(|e| Failed::definite(Status::internal(format!("undecodable outcome: {e}"))))?;
+            .map_err(|e| Failed::definite(internal(format!("undecodable outcome: {e}"))))?;
         match outcome.result {
             Some(Res::Error(e)) => Err(Failed::definite(outcome_to_status(e))),
             Some(r) => Ok(r),
