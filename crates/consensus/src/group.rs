@@ -651,16 +651,7 @@ impl GroupHandle {
     /// Replicates `command` and resolves with the state machine's response
     /// once it is committed and applied on this node (the leader).
     pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>> {
-        if command.is_empty() {
-            return Err(Error::Invalid("empty command".into()));
-        }
-        if command.len() > self.cfg.max_command_bytes {
-            return Err(Error::Invalid(format!(
-                "command of {} bytes exceeds the limit of {}",
-                command.len(),
-                self.cfg.max_command_bytes
-            )));
-        }
+        self.check_command(&command)?;
         self.call(|deadline, reply| Request::Propose {
             data: command,
             deadline,
@@ -675,10 +666,22 @@ impl GroupHandle {
     /// for idempotent commands a caller may send more than once — cleanup
     /// that must reach the leader from whichever replica noticed the need.
     pub fn forward(&self, command: Vec<u8>) -> Result<()> {
-        if command.is_empty() || command.len() > self.cfg.max_command_bytes {
-            return Err(Error::Invalid("command is empty or too large".into()));
-        }
+        self.check_command(&command)?;
         self.enqueue(Request::Forward(command))
+    }
+
+    fn check_command(&self, command: &[u8]) -> Result<()> {
+        if command.is_empty() {
+            return Err(Error::Invalid("empty command".into()));
+        }
+        if command.len() > self.cfg.max_command_bytes {
+            return Err(Error::Invalid(format!(
+                "command of {} bytes exceeds the limit of {}",
+                command.len(),
+                self.cfg.max_command_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// Linearizable read barrier: resolves with a commit index once this

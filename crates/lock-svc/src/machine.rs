@@ -82,15 +82,12 @@ impl Waits {
                 Some(tx) => tx.send(e.outcome).err(),
                 None => Some(e.outcome),
             };
-            match undelivered {
-                None => {}
-                Some(outcome) => {
-                    w.unclaimed.insert(e.waiter_id, outcome);
-                    w.order.push_back(e.waiter_id);
-                    while w.order.len() > UNCLAIMED {
-                        if let Some(old) = w.order.pop_front() {
-                            w.unclaimed.remove(&old);
-                        }
+            if let Some(outcome) = undelivered {
+                w.unclaimed.insert(e.waiter_id, outcome);
+                w.order.push_back(e.waiter_id);
+                while w.order.len() > UNCLAIMED {
+                    if let Some(old) = w.order.pop_front() {
+                        w.unclaimed.remove(&old);
                     }
                 }
             }
