@@ -19,9 +19,15 @@
 //!         answer their proposers
 //!         send persisted messages (votes, append responses: after the fsync)
 //!         advance; apply what the light ready committed; advance_apply
-//!         answer reads whose index is applied; maybe take a snapshot
+//!         answer reads whose index is applied; maybe start a snapshot
 //! }
 //! ```
+//!
+//! Snapshots do not stall the loop: the state machine captures its state
+//! cheaply ([`StateMachine::snapshot_job`]), a background thread writes it
+//! to a file and fsyncs it (`crate::snapfile`), and the loop records it in
+//! storage and compacts the log when `SnapshotDone` comes back. At most
+//! one is in progress per group.
 //!
 //! Invariants:
 //! - A proposal is answered `Ok` only after its entry was committed (hence
@@ -47,6 +53,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::snapfile::{self, SnapDir};
 use crate::state_machine::StateMachine;
 use crate::status::GroupStatus;
 use crate::storage::{GroupStorage, WriteSet};
@@ -84,6 +91,13 @@ pub(crate) enum Request {
     Snapshot {
         reply: Reply<u64>,
     },
+    /// A background snapshot finished: `snap` carries the metadata and the
+    /// descriptor of its file, `written` its size or what failed.
+    SnapshotDone {
+        snap: Snapshot,
+        compact_to: u64,
+        written: std::result::Result<u64, String>,
+    },
     Raft(Message),
     Stop,
 }
@@ -103,7 +117,14 @@ pub(crate) struct Driver {
     sm: Box<dyn StateMachine>,
     transport: Arc<dyn Transport>,
     inbox: Receiver<Request>,
+    /// The sending side of our own inbox, for background snapshot jobs.
+    to_self: Sender<Request>,
     status: Arc<Mutex<GroupStatus>>,
+    snaps: SnapDir,
+    /// Index of the snapshot being written in the background, if any.
+    snapshot_in_progress: Option<u64>,
+    /// `snapshot()` callers waiting for the one in progress.
+    snapshot_waiters: Vec<Reply<u64>>,
     /// Proposals by the log index their entry was appended at.
     pending: BTreeMap<u64, Pending>,
     /// read_index requests by their context id, until raft-rs confirms them.
@@ -135,8 +156,10 @@ impl Driver {
         storage: GroupStorage,
         sm: Box<dyn StateMachine>,
         transport: Arc<dyn Transport>,
+        to_self: Sender<Request>,
         inbox: Receiver<Request>,
         status: Arc<Mutex<GroupStatus>>,
+        snaps: SnapDir,
     ) -> Self {
         let meta = storage.snapshot_metadata();
         Self {
@@ -147,7 +170,11 @@ impl Driver {
             sm,
             transport,
             inbox,
+            to_self,
             status,
+            snaps,
+            snapshot_in_progress: None,
+            snapshot_waiters: Vec::new(),
             pending: BTreeMap::new(),
             reads: HashMap::new(),
             ready_reads: Vec::new(),
@@ -274,7 +301,22 @@ impl Driver {
             }
             Request::Snapshot { reply } => {
                 self.maybe_snapshot(true);
-                let _ = reply.send(Ok(self.snapshot_index));
+                match self.snapshot_in_progress {
+                    Some(_) => self.snapshot_waiters.push(reply),
+                    None => {
+                        let _ = reply.send(Ok(self.snapshot_index));
+                    }
+                }
+            }
+            Request::SnapshotDone {
+                snap,
+                compact_to,
+                written,
+            } => {
+                if let Err(e) = self.snapshot_done(snap, compact_to, written) {
+                    tracing::error!(group = self.group, error = %e, "saving a snapshot failed");
+                    return false;
+                }
             }
             Request::Stop => return false,
         }
@@ -457,9 +499,12 @@ impl Driver {
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<()> {
         let meta = snap.get_metadata();
+        let mut data = snapfile::reader(&snap.data)?;
         self.sm
-            .restore(meta.index, &snap.data)
+            .restore_from(meta.index, &mut data)
             .map_err(|e| Error::Storage(format!("restoring snapshot at {}: {e}", meta.index)))?;
+        drop(data);
+        self.snaps.gc(self.group, meta.index);
         self.applied = meta.index;
         self.applied_term = meta.term;
         self.snapshot_index = meta.index;
@@ -565,11 +610,13 @@ impl Driver {
         }
     }
 
-    /// Takes a snapshot when enough entries or time went by (or `force`),
-    /// then compacts the log, keeping `compact_lag` entries below it.
+    /// Starts a snapshot when enough entries or time went by (or `force`)
+    /// and none is in progress: the state machine captures its state here,
+    /// a background thread writes and fsyncs the file, and
+    /// [`Driver::snapshot_done`] records it.
     fn maybe_snapshot(&mut self, force: bool) {
         let since = self.applied.saturating_sub(self.snapshot_index);
-        if since == 0 {
+        if since == 0 || self.snapshot_in_progress.is_some() {
             return;
         }
         let due = since >= self.cfg.snapshot_entries
@@ -577,29 +624,80 @@ impl Driver {
         if !force && !due {
             return;
         }
+        let (group, index, term) = (self.group, self.applied, self.applied_term);
+        let job = self.sm.snapshot_job();
         let mut snap = Snapshot {
-            data: self.sm.snapshot().into(),
+            data: snapfile::descriptor(&self.snaps.file(group, index, term, None)).into(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
-        meta.index = self.applied;
-        meta.term = self.applied_term;
+        meta.index = index;
+        meta.term = term;
         meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
-        let compact_to = self.applied.saturating_sub(self.cfg.compact_lag) + 1;
-        match self.storage.save_snapshot(&snap, compact_to) {
-            Ok(()) => {
-                self.snapshot_index = self.applied;
+        let compact_to = index.saturating_sub(self.cfg.compact_lag) + 1;
+        let snaps = self.snaps.clone();
+        let to_self = self.to_self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("raft-g{group}-snap"))
+            .spawn(move || {
+                let written = snaps
+                    .write(group, index, term, job)
+                    .map_err(|e| e.to_string());
+                // Blocks while the inbox is full; the driver drains it.
+                let _ = to_self.send(Request::SnapshotDone {
+                    snap,
+                    compact_to,
+                    written,
+                });
+            });
+        match spawned {
+            Ok(_) => self.snapshot_in_progress = Some(index),
+            Err(e) => tracing::error!(group, error = %e, "cannot start a snapshot thread"),
+        }
+    }
+
+    /// Records a snapshot whose file is written and compacts the log below
+    /// it. A snapshot installed from the leader meanwhile supersedes it.
+    fn snapshot_done(
+        &mut self,
+        snap: Snapshot,
+        compact_to: u64,
+        written: std::result::Result<u64, String>,
+    ) -> Result<()> {
+        self.snapshot_in_progress = None;
+        let index = snap.get_metadata().index;
+        let result = match written {
+            Err(e) => {
+                // Not fatal: the log is intact; the next one may succeed.
+                tracing::error!(group = self.group, index, error = %e, "writing a snapshot failed");
+                self.last_snapshot_at = Instant::now();
+                Ok(())
+            }
+            Ok(_) if index <= self.snapshot_index => {
+                self.snaps.gc(self.group, self.snapshot_index);
+                Ok(())
+            }
+            Ok(bytes) => self.storage.save_snapshot(&snap, compact_to).map(|()| {
+                self.snapshot_index = index;
                 self.last_snapshot_at = Instant::now();
                 self.snapshots_taken += 1;
+                self.snaps.gc(self.group, index);
                 tracing::debug!(
                     group = self.group,
-                    index = self.applied,
+                    index,
                     compact_to,
+                    bytes,
                     "took snapshot"
                 );
-            }
-            Err(e) => tracing::error!(group = self.group, error = %e, "snapshot failed"),
+            }),
+        };
+        for reply in self.snapshot_waiters.drain(..) {
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(self.snapshot_index),
+                Err(e) => Err(Error::Storage(e.to_string())),
+            });
         }
+        result
     }
 
     fn publish_status(&mut self) {

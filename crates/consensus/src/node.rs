@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::group::{Driver, GroupHandle};
 use crate::logger::raft_logger;
+use crate::snapfile::{self, SnapDir};
 use crate::state_machine::StateMachine;
 use crate::status::GroupStatus;
 use crate::storage::LogStore;
@@ -37,8 +38,10 @@ struct NodeInner {
     /// clones of the node outlive it (e.g. in a server's connection tasks).
     store: RwLock<Option<LogStore>>,
     transport: Arc<dyn Transport>,
+    snaps: SnapDir,
     groups: RwLock<HashMap<u64, GroupHandle>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Driver threads by group; the purge thread under `u64::MAX`.
+    threads: Mutex<HashMap<u64, JoinHandle<()>>>,
     stopped: AtomicBool,
 }
 
@@ -49,13 +52,15 @@ impl Node {
             return Err(Error::Invalid("node id 0 is reserved".into()));
         }
         let store = LogStore::open(&cfg.data_dir)?;
+        let snaps = SnapDir::open(cfg.data_dir.join("snapshots"))?;
         let node = Self {
             inner: Arc::new(NodeInner {
                 cfg: Arc::new(cfg),
                 store: RwLock::new(Some(store)),
                 transport,
+                snaps,
                 groups: RwLock::new(HashMap::new()),
-                threads: Mutex::new(Vec::new()),
+                threads: Mutex::new(HashMap::new()),
                 stopped: AtomicBool::new(false),
             }),
         };
@@ -63,7 +68,7 @@ impl Node {
         let purge = std::thread::Builder::new()
             .name("raft-purge".into())
             .spawn(move || purge_loop(weak))?;
-        node.inner.threads.lock().push(purge);
+        node.inner.threads.lock().insert(u64::MAX, purge);
         Ok(node)
     }
 
@@ -120,10 +125,12 @@ impl Node {
         let snap = storage.load_snapshot()?;
         let meta = snap.get_metadata().clone();
         if meta.index > 0 {
-            sm.restore(meta.index, &snap.data).map_err(|e| {
+            let mut data = snapfile::reader(&snap.data)?;
+            sm.restore_from(meta.index, &mut data).map_err(|e| {
                 Error::Storage(format!("restoring group {group} at {}: {e}", meta.index))
             })?;
         }
+        self.inner.snaps.gc(group, meta.index);
         let raw = RawNode::new(
             &cfg.raft_config(meta.index),
             storage.clone(),
@@ -144,8 +151,10 @@ impl Node {
             storage,
             sm,
             self.inner.transport.clone(),
+            tx.clone(),
             rx,
             status.clone(),
+            self.inner.snaps.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("raft-g{group}"))
@@ -157,8 +166,28 @@ impl Node {
             cfg,
         };
         groups.insert(group, handle.clone());
-        self.inner.threads.lock().push(thread);
+        self.inner.threads.lock().insert(group, thread);
         Ok(handle)
+    }
+
+    /// Stops `group` on this node and deletes its durable state (log, hard
+    /// state, snapshots): the replica leaves no trace. Its state machine's
+    /// own files, if any, are the service's to remove. Pending requests
+    /// fail with `Stopped`.
+    pub fn remove_group(&self, group: u64) -> Result<()> {
+        let handle = self.inner.groups.write().remove(&group);
+        if let Some(handle) = handle {
+            handle.stop();
+        }
+        let thread = self.inner.threads.lock().remove(&group);
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        if let Some(store) = self.inner.store.read().as_ref() {
+            store.remove_group(group)?;
+        }
+        self.inner.snaps.remove_group(group);
+        Ok(())
     }
 
     pub fn group(&self, group: u64) -> Option<GroupHandle> {
@@ -193,7 +222,8 @@ impl Node {
         for g in &groups {
             g.stop();
         }
-        let threads: Vec<JoinHandle<()>> = self.inner.threads.lock().drain(..).collect();
+        let threads: Vec<JoinHandle<()>> =
+            self.inner.threads.lock().drain().map(|(_, t)| t).collect();
         for t in threads {
             let _ = t.join();
         }
@@ -206,10 +236,26 @@ impl Node {
 }
 
 impl Inbound for Node {
-    fn deliver(&self, group: u64, msg: Message) {
-        if let Some(g) = self.inner.groups.read().get(&group) {
-            g.step(msg);
+    fn deliver(&self, group: u64, mut msg: Message) {
+        let Some(g) = self.group(group) else { return };
+        // A snapshot file of another node's directory (the in-memory test
+        // network passes descriptors as they are): copy it in first.
+        if let Some(path) = snapfile::file_of(&msg.get_snapshot().data) {
+            if !self.inner.snaps.contains(&path) {
+                match self.inner.snaps.import(group, msg.from, &path) {
+                    Ok(local) => msg.mut_snapshot().data = snapfile::descriptor(&local).into(),
+                    Err(e) => {
+                        tracing::warn!(group, error = %e, "cannot copy a snapshot file; dropped");
+                        return;
+                    }
+                }
+            }
         }
+        g.step(msg);
+    }
+
+    fn snapshot_dir(&self) -> Option<SnapDir> {
+        Some(self.inner.snaps.clone())
     }
 }
 

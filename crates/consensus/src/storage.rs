@@ -86,6 +86,14 @@ impl LogStore {
             .map_err(|e| Error::Storage(e.to_string()))
     }
 
+    /// Deletes everything stored for `group` (log, hard state, snapshot).
+    pub fn remove_group(&self, group: u64) -> Result<(), Error> {
+        let mut batch = LogBatch::default();
+        batch.add_command(group, Command::Clean);
+        self.engine.write(&mut batch, true).map_err(storage_err)?;
+        Ok(())
+    }
+
     /// The storage of one group. Loads its hard state and snapshot metadata.
     pub fn group(&self, group: u64) -> Result<GroupStorage, Error> {
         let hard_state: HardState = self

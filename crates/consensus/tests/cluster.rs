@@ -238,8 +238,19 @@ async fn node_behind_compaction_is_caught_up_by_snapshot() {
     for i in 0..100 {
         c.propose(G, cmd(i), 5 * SEC).await.unwrap();
     }
-    let st = c.handle(leader, G).status();
-    assert!(st.snapshot_index >= 80, "leader snapshotted: {st:?}");
+    // Snapshots are written in the background: wait for one to land.
+    let deadline = std::time::Instant::now() + 10 * SEC;
+    let st = loop {
+        let st = c.handle(leader, G).status();
+        if st.snapshot_index >= 80 {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leader never snapshotted: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     c.restart(lagging).unwrap();
     c.wait_applied(G, st.commit, 10 * SEC).await;
     let s = c.handle(lagging, G).status();
@@ -442,4 +453,131 @@ async fn a_joining_node_learns_the_founding_members_even_without_compaction() {
     assert_eq!(c.handle(4, G).status().voters, vec![1, 2, 3, 4]);
     let expected: Vec<_> = (0..5).map(cmd).collect();
     assert_eq!(rec.get(4, G).commands(), expected);
+}
+
+/// A state machine whose snapshot job blocks until the test lets it go.
+struct GatedSnapshots {
+    inner: consensus::testkit::RecordingSm,
+    gate: std::sync::Arc<std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
+    started: std::sync::mpsc::SyncSender<()>,
+}
+
+impl consensus::StateMachine for GatedSnapshots {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        self.inner.apply(index, command)
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.inner.snapshot()
+    }
+    fn snapshot_job(&self) -> consensus::SnapshotJob {
+        let data = self.inner.snapshot();
+        let gate = self.gate.lock().unwrap().take();
+        let started = self.started.clone();
+        Box::new(move |out: &mut dyn std::io::Write| {
+            if let Some(gate) = gate {
+                let _ = started.send(());
+                let _ = gate.recv();
+            }
+            out.write_all(&data)
+        })
+    }
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        self.inner.restore(index, data)
+    }
+}
+
+/// A snapshot being written does not hold up the group: proposals are
+/// committed and applied while the job is blocked, and the snapshot lands
+/// (and compacts the log) once it is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_snapshot_does_not_stall_the_group() {
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Arc::new(std::sync::Mutex::new(Some(gate)));
+    let (started_tx, started) = std::sync::mpsc::sync_channel::<()>(8);
+    let rec = Recorders::default();
+    let factory: consensus::testkit::SmFactory = {
+        let gate = gate.clone();
+        let rec = rec.clone();
+        let rec_factory = rec.factory();
+        std::sync::Arc::new(move |node, group| {
+            // Keep the recorder bookkeeping of `rec`, wrap its state machine.
+            let _ = rec_factory(node, group);
+            let inner = rec.get(node, group);
+            Box::new(GatedSnapshots {
+                inner,
+                // Only the first snapshot job anywhere is gated.
+                gate: gate.clone(),
+                started: started_tx.clone(),
+            })
+        })
+    };
+    let c = Cluster::with_config(3, &[G], factory, |cfg| {
+        cfg.snapshot_entries = 10;
+        cfg.compact_lag = 0;
+    });
+    let leader = c.wait_leader(G).await;
+    let mut n = 0;
+    while started.try_recv().is_err() {
+        c.propose(G, cmd(n), 5 * SEC).await.unwrap();
+        n += 1;
+        assert!(n < 1000, "no snapshot was started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let blocked = n;
+    // With the job blocked, the group goes on committing and applying.
+    for i in blocked..blocked + 200 {
+        c.propose(G, cmd(i), 5 * SEC).await.unwrap();
+    }
+    let gated_node = (1..=3)
+        .find(|&node| {
+            let s = c.handle(node, G).status();
+            s.applied >= s.snapshot_index + 200 && s.snapshots_taken == 0
+        })
+        .expect("the node with the blocked job applied past it without a snapshot");
+    release.send(()).unwrap();
+    let deadline = std::time::Instant::now() + 10 * SEC;
+    loop {
+        let s = c.handle(gated_node, G).status();
+        if s.snapshots_taken >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshot never landed: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let expected: Vec<_> = (0..blocked + 200).map(cmd).collect();
+    let commit = c.handle(leader, G).status().commit;
+    c.wait_applied(G, commit, 10 * SEC).await;
+    assert_logs(&c, &rec, &expected);
+}
+
+/// Removing a group stops it and deletes its log, hard state and snapshot
+/// files on every node; other groups carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_group_leaves_nothing_behind() {
+    const G2: u64 = 2;
+    let rec = Recorders::default();
+    let c = Cluster::new(3, &[G, G2], rec.factory());
+    c.wait_leader(G2).await;
+    for i in 0..20 {
+        c.propose(G2, cmd(i), 5 * SEC).await.unwrap();
+    }
+    let leader = c.wait_leader(G2).await;
+    let snap = c.handle(leader, G2).snapshot().await.unwrap();
+    assert!(snap >= 20, "snapshot at {snap}");
+    for n in 1..=3 {
+        let node = c.node(n);
+        node.remove_group(G2).unwrap();
+        assert!(node.group(G2).is_none());
+        assert!(!node.stored_groups().contains(&G2), "node {n}");
+        let left = std::fs::read_dir(c.data_dir(n).join("snapshots"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("g2-"))
+            .count();
+        assert_eq!(left, 0, "snapshot files of the group left on node {n}");
+    }
+    c.propose(G, cmd(0), 5 * SEC).await.unwrap();
 }
