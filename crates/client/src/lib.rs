@@ -6,6 +6,7 @@
 //! clients ([`lock::LockClient`]) are built on it.
 
 pub mod lock;
+pub mod routing;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -33,6 +33,12 @@ pub mod lock {
     }
 }
 
+pub mod queue {
+    pub mod v1 {
+        tonic::include_proto!("dsync.queue.v1");
+    }
+}
+
 pub mod raft {
     pub mod v1 {
         tonic::include_proto!("dsync.raft.v1");
