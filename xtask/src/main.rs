@@ -233,7 +233,7 @@ fn bench(args: &[String]) -> Result {
 
 /// The services `up` starts: (binary, first gRPC port, first metrics port).
 /// Three replicas each, on consecutive ports. A new service is one line.
-const SERVICES: &[(&str, u16, u16)] = &[("lock-svc", 7001, 9101)];
+const SERVICES: &[(&str, u16, u16)] = &[("lock-svc", 7001, 9101), ("queue-svc", 7011, 9111)];
 
 fn up(args: &[String]) -> Result {
     let data = root().join(args.first().map(String::as_str).unwrap_or("data"));
@@ -275,7 +275,8 @@ fn up(args: &[String]) -> Result {
          target/release/dsync lock acquire orders/42 --mode exclusive\n  \
          target/release/dsync lock status orders/42\n  \
          target/release/dsync session list\n  \
-         target/release/dsync cluster status\n\
+         target/release/dsync cluster status\n  \
+         grpcurl -plaintext -d '{{\"name\":\"orders\",\"config\":{{\"partitions\":3}}}}' 127.0.0.1:7011 dsync.queue.v1.QueueService/CreateTopic\n\
          Ctrl-C stops the cluster (the replicas get SIGINT and shut down cleanly)."
     );
     let mut failed = false;

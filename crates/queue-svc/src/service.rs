@@ -1210,7 +1210,14 @@ impl QueueService for Queues {
         }
         let group = r.group.clone();
         let mut err = r.error.clone();
-        err.truncate(1024);
+        if err.len() > 1024 {
+            // At a character boundary: the text is UTF-8.
+            let cut = (0..=1024)
+                .rev()
+                .find(|&i| err.is_char_boundary(i))
+                .unwrap_or(0);
+            err.truncate(cut);
+        }
         let results = self
             .settle(&r.topic, &r.group, &r.receipts, |receipts| Command::Nack {
                 now_ms: now_ms(),
