@@ -6,6 +6,7 @@
 //! clients ([`lock::LockClient`]) are built on it.
 
 pub mod lock;
+pub mod queue;
 pub mod routing;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use tonic::{Code, Status};
 
 pub use lock::{LockClient, LockGuard, Session};
 pub use proto::lock::v1::LockMode;
+pub use queue::QueueClient;
 
 /// True when `err` says the replica did not handle the call (down,
 /// unreachable, not the leader, connection lost mid-call, or this client's
@@ -217,5 +219,57 @@ impl Conn {
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         }
+    }
+
+    /// Like [`Conn::call`], but for one of many groups with leaders of
+    /// their own (a queue partition): `route` holds where that group's
+    /// calls go, and is updated by its leader hints. Without a route the
+    /// call goes where [`Conn::call`] would.
+    pub async fn call_via<T, F, Fut>(
+        &self,
+        route: &Mutex<Option<String>>,
+        mut f: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.inner.opts.retry_for;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let addr = route.lock().clone().unwrap_or_else(|| self.current());
+            let attempt = match self.channel(&addr).await {
+                Ok(ch) => f(ch).await,
+                Err(e) => Err(e),
+            };
+            let err = match attempt {
+                Ok(v) => {
+                    *route.lock() = Some(addr);
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            if !replica_failed(&err) || Instant::now() >= deadline {
+                return Err(err);
+            }
+            let hint = proto::leader_hint(&err)
+                .filter(|h| !h.leader_addr.is_empty() && h.leader_addr != addr)
+                .map(|h| h.leader_addr);
+            match hint {
+                Some(h) => *route.lock() = Some(h),
+                None => {
+                    *route.lock() = None;
+                    // Move the shared rotation on, off this replica.
+                    self.follow(&addr, None);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Every endpoint known (given, or learned from hints).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner.state.lock().endpoints.clone()
     }
 }

@@ -451,24 +451,61 @@ async fn move_dead_letters(q: &Queues, part: &Partition, dead: Vec<crate::partit
         .await
         .is_some()
         {
-            metrics::counter!("dsync_queue_dead_lettered_total").increment(n);
+            metrics::counter!("dsync_queue_dead_lettered_total", "topic" => part.topic.clone())
+                .increment(n);
         }
     }
 }
 
+/// Gauges of the partitions this replica leads (a follower's copy would
+/// double-count), labelled by topic and partition; group lag by topic,
+/// group and partition.
 fn publish_gauges(q: &Queues) {
     let parts: Vec<Partition> = q.partitions.read().values().cloned().collect();
-    let (mut depth, mut bytes, mut led) = (0u64, 0u64, 0u64);
+    let now = now_ms();
+    let mut led = 0u64;
     for p in &parts {
-        if p.group.status().is_leader() {
-            led += 1;
-            let d = p.shared.data.read();
-            depth += d.state.depth();
-            bytes += d.state.bytes();
+        let labels = [
+            ("topic", p.topic.clone()),
+            ("partition", p.index.to_string()),
+        ];
+        let leader = p.group.status().is_leader();
+        metrics::gauge!("dsync_queue_partition_leader", &labels).set(if leader {
+            1.0
+        } else {
+            0.0
+        });
+        if !leader {
+            continue;
         }
+        led += 1;
+        let d = p.shared.data.read();
+        let st = &d.state;
+        metrics::gauge!("dsync_queue_partition_depth", &labels).set(st.depth() as f64);
+        metrics::gauge!("dsync_queue_partition_bytes", &labels).set(st.bytes() as f64);
+        metrics::gauge!("dsync_queue_partition_next_offset", &labels).set(st.next_offset() as f64);
+        metrics::gauge!("dsync_queue_partition_oldest_age_seconds", &labels).set(
+            st.oldest_enqueued_ms()
+                .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
+        );
+        let mut in_flight = 0;
+        for (group, _) in st.groups() {
+            let Some(gs) = st.group_stats(group) else {
+                continue;
+            };
+            in_flight += gs.in_flight;
+            let gl = [
+                ("topic", p.topic.clone()),
+                ("partition", p.index.to_string()),
+                ("group", group.to_owned()),
+            ];
+            metrics::gauge!("dsync_queue_group_lag", &gl).set(gs.lag as f64);
+            metrics::gauge!("dsync_queue_group_in_flight", &gl).set(gs.in_flight as f64);
+            metrics::gauge!("dsync_queue_group_dead_letter_pending", &gl)
+                .set(gs.dead_pending as f64);
+        }
+        metrics::gauge!("dsync_queue_partition_in_flight", &labels).set(in_flight as f64);
     }
     metrics::gauge!("dsync_queue_partitions").set(parts.len() as f64);
     metrics::gauge!("dsync_queue_partitions_led").set(led as f64);
-    metrics::gauge!("dsync_queue_depth").set(depth as f64);
-    metrics::gauge!("dsync_queue_bytes").set(bytes as f64);
 }

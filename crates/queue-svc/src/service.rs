@@ -631,13 +631,7 @@ impl Queues {
                     info.leader_id = st.leader.unwrap_or(0);
                     info.leader_addr = st
                         .leader
-                        .and_then(|l| {
-                            if l == self.node.id() {
-                                None
-                            } else {
-                                self.node.transport().peer_addr(l)
-                            }
-                        })
+                        .and_then(|l| self.node.transport().peer_addr(l))
                         .unwrap_or_default();
                     info.term = st.term;
                     let d = p.shared.data.read();
@@ -1065,7 +1059,8 @@ impl QueueService for Queues {
                 };
             }
         }
-        metrics::counter!("dsync_queue_produced_total").increment(total as u64);
+        metrics::counter!("dsync_queue_produced_total", "topic" => t.name.clone())
+            .increment(total as u64);
         Ok(Response::new(pb::ProduceResponse { results }))
     }
 
@@ -1181,7 +1176,8 @@ impl QueueService for Queues {
                 .min(deadline.saturating_duration_since(Instant::now()));
             let _ = tokio::time::timeout(next_due, wake).await;
         }
-        metrics::counter!("dsync_queue_delivered_total").increment(messages.len() as u64);
+        metrics::counter!("dsync_queue_delivered_total", "topic" => t.name.clone())
+            .increment(messages.len() as u64);
         Ok(Response::new(pb::ReceiveResponse {
             messages,
             assignment: Some(assignment),

@@ -5,6 +5,9 @@
 //! dsync lock status orders/7
 //! dsync lock list
 //! dsync session open --ttl-ms 30000
+//! dsync queue create-topic orders --partitions 3
+//! dsync queue produce orders --key customer-7 'hello'
+//! dsync queue consume orders workers --max 10
 //! ```
 
 use std::time::Duration;
@@ -20,13 +23,10 @@ use tonic::Status;
     after_help = "Exit status: 0 on success, 2 when a lock was not obtained (busy try-lock or wait timed out), 1 on any other error; errors print the server's reason (e.g. LOCK_BUSY)."
 )]
 struct Cli {
-    /// Replicas to talk to (any of them; the leader is found).
-    #[arg(
-        long,
-        env = "DSYNC_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
-    )]
+    /// Replicas to talk to (any of them; the leader is found). Default:
+    /// 127.0.0.1:7001-7003 (lock-svc), or 127.0.0.1:7011-7013 for `queue`
+    /// (what `cargo xtask up` starts).
+    #[arg(long, env = "DSYNC_ENDPOINTS", value_delimiter = ',')]
     endpoints: Vec<String>,
     /// Keep retrying across elections and unreachable replicas this long.
     #[arg(long, env = "DSYNC_RETRY_MS", default_value_t = 10_000)]
@@ -51,6 +51,83 @@ enum Top {
     Cluster {
         #[command(subcommand)]
         cmd: ClusterCmd,
+    },
+    /// Queue commands (queue-svc).
+    Queue {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Create a topic (and its dead-letter topic `<name>.dlq`).
+    CreateTopic {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Replicas per partition (0: min(3, cluster size)).
+        #[arg(long, default_value_t = 0)]
+        replication_factor: u32,
+        #[arg(long, default_value_t = 0)]
+        max_depth: u64,
+        #[arg(long, default_value_t = 0)]
+        max_delivery_attempts: u32,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    /// List topics.
+    List {
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Partitions (leader, replicas, depth, in flight, oldest age) and groups.
+    Describe {
+        name: String,
+    },
+    /// Create a consumer group.
+    CreateGroup {
+        topic: String,
+        group: String,
+        /// One message in flight per partition, in order.
+        #[arg(long)]
+        ordered: bool,
+        #[arg(long, default_value_t = 30_000)]
+        visibility_ms: u64,
+        /// Start at the next message produced instead of the oldest.
+        #[arg(long)]
+        latest: bool,
+    },
+    DeleteGroup {
+        topic: String,
+        group: String,
+    },
+    /// Produce messages (each argument one payload; none: one per stdin line).
+    Produce {
+        topic: String,
+        payloads: Vec<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
+        /// Message id (deduplicated within the topic's window); with
+        /// several payloads, `-N` is appended to each.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Receive messages, print them and ack them (unless --no-ack).
+    Consume {
+        topic: String,
+        group: String,
+        #[arg(long, default_value_t = 10)]
+        max: u32,
+        #[arg(long, default_value_t = 1000)]
+        wait_ms: u32,
+        #[arg(long)]
+        no_ack: bool,
+        #[arg(long, default_value = "dsync-cli")]
+        consumer: String,
     },
 }
 
@@ -184,14 +261,27 @@ async fn run(cli: Cli) -> Result<(), Status> {
         retry_for: Duration::from_millis(cli.retry_ms),
         ..Default::default()
     };
-    if let Top::Cluster { cmd } = cli.cmd {
-        return cluster(&cli.endpoints, opts, cmd).await;
-    }
-    let client = LockClient::with_options(cli.endpoints, opts)?;
+    let endpoints = |ports: [u16; 3]| {
+        if cli.endpoints.is_empty() {
+            ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+        } else {
+            cli.endpoints.clone()
+        }
+    };
     match cli.cmd {
-        Top::Lock { cmd } => lock(&client, cmd).await,
-        Top::Session { cmd } => session(&client, cmd).await,
-        Top::Cluster { .. } => unreachable!("handled above"),
+        Top::Cluster { cmd } => cluster(&endpoints([7001, 7002, 7003]), opts, cmd).await,
+        Top::Queue { cmd } => {
+            let conn = dsync_client::Conn::new(endpoints([7011, 7012, 7013]), opts)?;
+            queue(&dsync_client::QueueClient::new(conn), cmd).await
+        }
+        Top::Lock { cmd } => {
+            let client = LockClient::with_options(endpoints([7001, 7002, 7003]), opts)?;
+            lock(&client, cmd).await
+        }
+        Top::Session { cmd } => {
+            let client = LockClient::with_options(endpoints([7001, 7002, 7003]), opts)?;
+            session(&client, cmd).await
+        }
     }
 }
 
@@ -499,6 +589,223 @@ async fn session(client: &LockClient, cmd: SessionCmd) -> Result<(), Status> {
                     "session={}\tname={}\tttl_ms={}\texpires_at_ms={}\tlocks={}\twaits={}",
                     s.session_id, s.client_name, s.ttl_ms, s.expires_at_ms, s.locks_held, s.waits
                 );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn queue(q: &dsync_client::QueueClient, cmd: QueueCmd) -> Result<(), Status> {
+    use proto::queue::v1 as pb;
+    match cmd {
+        QueueCmd::CreateTopic {
+            name,
+            partitions,
+            replication_factor,
+            max_depth,
+            max_delivery_attempts,
+        } => {
+            let info = q
+                .create_topic(
+                    &name,
+                    pb::TopicConfig {
+                        partitions,
+                        replication_factor,
+                        max_depth,
+                        max_delivery_attempts,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let c = info.config.unwrap_or_default();
+            println!(
+                "topic {} ({} partitions, rf {}, dead letters to {})",
+                info.name,
+                c.partitions,
+                c.replication_factor,
+                if c.dead_letter_topic.is_empty() {
+                    "-"
+                } else {
+                    &c.dead_letter_topic
+                }
+            );
+        }
+        QueueCmd::DeleteTopic { name } => {
+            q.delete_topic(&name).await?;
+            println!("deleted {name}");
+        }
+        QueueCmd::List { prefix } => {
+            println!(
+                "{:<32} {:>10} {:>3} {:>6}  dead letters",
+                "topic", "partitions", "rf", "groups"
+            );
+            for t in q.list_topics(&prefix).await? {
+                println!(
+                    "{:<32} {:>10} {:>3} {:>6}  {}",
+                    t.name, t.partitions, t.replication_factor, t.groups, t.dead_letter_topic
+                );
+            }
+        }
+        QueueCmd::Describe { name } => {
+            let info = q.describe_everywhere(&name).await?;
+            println!(
+                "topic {} depth {} bytes {}",
+                info.name, info.depth, info.bytes
+            );
+            println!(
+                "{:>9} {:>8} {:<22} {:<10} {:>8} {:>9} {:>12} {:>11}",
+                "partition",
+                "leader",
+                "address",
+                "replicas",
+                "depth",
+                "in-flight",
+                "oldest age",
+                "next offset"
+            );
+            for p in &info.partitions {
+                let replicas: Vec<String> = p.replica_ids.iter().map(u64::to_string).collect();
+                println!(
+                    "{:>9} {:>8} {:<22} {:<10} {:>8} {:>9} {:>10}ms {:>11}",
+                    p.partition,
+                    p.leader_id,
+                    p.leader_addr,
+                    replicas.join(","),
+                    p.depth,
+                    p.in_flight,
+                    p.oldest_message_age_ms,
+                    p.next_offset
+                );
+            }
+            for g in &info.groups {
+                let consumers: Vec<&str> = g.consumers.iter().map(|c| c.name.as_str()).collect();
+                println!(
+                    "group {}: lag {} in-flight {} dead-letter-pending {} consumers [{}]",
+                    g.name,
+                    g.lag,
+                    g.in_flight,
+                    g.dead_letter_pending,
+                    consumers.join(",")
+                );
+            }
+        }
+        QueueCmd::CreateGroup {
+            topic,
+            group,
+            ordered,
+            visibility_ms,
+            latest,
+        } => {
+            let mode = if ordered {
+                pb::GroupMode::Ordered
+            } else {
+                pb::GroupMode::Shared
+            };
+            let start = pb::StartPosition {
+                kind: if latest {
+                    pb::PositionKind::Latest
+                } else {
+                    pb::PositionKind::Earliest
+                } as i32,
+                ..Default::default()
+            };
+            let r = q
+                .create_group(
+                    &topic,
+                    &group,
+                    Some(pb::GroupConfig {
+                        mode: mode as i32,
+                        visibility_timeout_ms: visibility_ms,
+                        ..Default::default()
+                    }),
+                    Some(start),
+                )
+                .await?;
+            println!(
+                "group {group} on {topic}: {}",
+                if r.created { "created" } else { "exists" }
+            );
+        }
+        QueueCmd::DeleteGroup { topic, group } => {
+            q.delete_group(&topic, &group).await?;
+            println!("deleted group {group} of {topic}");
+        }
+        QueueCmd::Produce {
+            topic,
+            payloads,
+            key,
+            priority,
+            id,
+        } => {
+            let payloads = if payloads.is_empty() {
+                use std::io::BufRead;
+                std::io::stdin()
+                    .lock()
+                    .lines()
+                    .map_while(Result::ok)
+                    .collect()
+            } else {
+                payloads
+            };
+            let many = payloads.len() > 1;
+            let messages: Vec<pb::Message> = payloads
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| pb::Message {
+                    key: key.clone().unwrap_or_default().into_bytes(),
+                    payload: p.into_bytes(),
+                    priority,
+                    message_id: match &id {
+                        Some(id) if many => format!("{id}-{i}"),
+                        Some(id) => id.clone(),
+                        None => String::new(),
+                    },
+                    ..Default::default()
+                })
+                .collect();
+            for chunk in messages.chunks(1000) {
+                for r in q.produce(&topic, chunk.to_vec()).await? {
+                    println!(
+                        "partition {} offset {}{}",
+                        r.partition,
+                        r.offset,
+                        if r.duplicate { " (duplicate)" } else { "" }
+                    );
+                }
+            }
+        }
+        QueueCmd::Consume {
+            topic,
+            group,
+            max,
+            wait_ms,
+            no_ack,
+            consumer,
+        } => {
+            let msgs = q.receive(&topic, &group, &consumer, max, wait_ms).await?;
+            for m in &msgs {
+                println!(
+                    "p{} o{} attempt {} priority {} key {:?}: {}",
+                    m.partition,
+                    m.offset,
+                    m.attempt,
+                    m.priority,
+                    String::from_utf8_lossy(&m.key),
+                    String::from_utf8_lossy(&m.payload)
+                );
+            }
+            if !no_ack && !msgs.is_empty() {
+                let receipts: Vec<String> = msgs.iter().map(|m| m.receipt.clone()).collect();
+                let results = q.ack(&topic, &group, &receipts).await?;
+                let failed: Vec<_> = results.iter().filter(|r| !r.ok).collect();
+                if !failed.is_empty() {
+                    for r in failed {
+                        eprintln!("ack {}: {} {}", r.receipt, r.reason, r.message);
+                    }
+                    return Err(Status::failed_precondition("some acks failed"));
+                }
+            } else if msgs.is_empty() {
+                eprintln!("no messages");
             }
         }
     }
