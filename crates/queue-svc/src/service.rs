@@ -1255,15 +1255,206 @@ impl QueueService for Queues {
     type SubscribeStream =
         futures::stream::BoxStream<'static, Result<pb::SubscribeResponse, Status>>;
 
+    /// A push consumer with credit-based flow control: every message sent
+    /// spends one credit, and nothing is sent without one, so the consumer
+    /// never has more messages outstanding than it granted. Two tasks: one
+    /// reads the consumer's requests (credits, acks, nacks, extends), one
+    /// fetches messages (a long-polling `Receive` as credit allows). A fetch
+    /// is never cancelled half-way, so leases it took are always sent.
     async fn subscribe(
         &self,
-        _req: Request<tonic::Streaming<pb::SubscribeRequest>>,
+        req: Request<tonic::Streaming<pb::SubscribeRequest>>,
     ) -> Res<Self::SubscribeStream> {
-        Err(error(
-            Code::Unimplemented,
-            "Subscribe is not available in this build yet; use Receive (long poll)",
-            "UNIMPLEMENTED",
-            std::iter::empty::<(&str, &str)>(),
-        ))
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            bad(
+                "topic",
+                "the first request names the topic, group and consumer",
+            )
+        })?;
+        check_name("topic", &first.topic)?;
+        check_name("group", &first.group)?;
+        if first.consumer.len() > MAX_NAME {
+            return Err(bad("consumer", format!("at most {MAX_NAME} characters")));
+        }
+        let t = self.topic(&first.topic)?;
+        if !t.groups.contains_key(&first.group) {
+            return Err(error(
+                Code::NotFound,
+                format!("group {} does not exist on topic {}", first.group, t.name),
+                "GROUP_NOT_FOUND",
+                [("topic", t.name.as_str()), ("group", first.group.as_str())],
+            ));
+        }
+        const MAX_CREDITS: u64 = 10_000;
+        let credits = Arc::new(AtomicU64::new(0));
+        let granted = Arc::new(tokio::sync::Notify::new());
+        let done = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::SubscribeResponse, Status>>(16);
+        let (topic, group, consumer, partitions) = (
+            first.topic.clone(),
+            first.group.clone(),
+            first.consumer.clone(),
+            first.partitions.clone(),
+        );
+        // Requests: credits and settlements.
+        {
+            let (q, credits, granted, done, tx) = (
+                self.clone(),
+                credits.clone(),
+                granted.clone(),
+                done.clone(),
+                tx.clone(),
+            );
+            let (topic, group) = (topic.clone(), group.clone());
+            tokio::spawn(async move {
+                let mut next = Some(first);
+                loop {
+                    let Some(m) = next.take() else {
+                        match inbound.message().await {
+                            Ok(Some(m)) => {
+                                next = Some(m);
+                                continue;
+                            }
+                            _ => break,
+                        }
+                    };
+                    if m.credits > 0 {
+                        let now = credits.load(Ordering::SeqCst);
+                        credits.store(
+                            (now + u64::from(m.credits)).min(MAX_CREDITS),
+                            Ordering::SeqCst,
+                        );
+                        granted.notify_one();
+                    }
+                    let mut resp = pb::SubscribeResponse {
+                        credits: credits.load(Ordering::SeqCst),
+                        ..Default::default()
+                    };
+                    let settle = |kind: &'static str, receipts: Vec<String>| {
+                        let (q, topic, group) = (q.clone(), topic.clone(), group.clone());
+                        async move {
+                            if receipts.is_empty() {
+                                return Ok(Vec::new());
+                            }
+                            let now = now_ms();
+                            match kind {
+                                "ack" => {
+                                    q.settle(&topic, &group, &receipts, |r| Command::Ack {
+                                        now_ms: now,
+                                        group: group.clone(),
+                                        receipts: r,
+                                    })
+                                    .await
+                                }
+                                _ => {
+                                    q.settle(&topic, &group, &receipts, |r| Command::ExtendLease {
+                                        now_ms: now,
+                                        group: group.clone(),
+                                        receipts: r,
+                                        visibility_ms: group_visibility(&q, &topic, &group),
+                                    })
+                                    .await
+                                }
+                            }
+                        }
+                    };
+                    let outcome = async {
+                        resp.ack_results = settle("ack", m.acks.clone()).await?;
+                        resp.extend_results = settle("extend", m.extends.clone()).await?;
+                        for n in &m.nacks {
+                            let (g, e) = (group.clone(), n.error.clone());
+                            let r = q
+                                .settle(&topic, &group, std::slice::from_ref(&n.receipt), |r| {
+                                    Command::Nack {
+                                        now_ms: now_ms(),
+                                        group: g.clone(),
+                                        receipts: r,
+                                        delay_ms: n.delay_ms,
+                                        error: (!e.is_empty()).then(|| e.clone()),
+                                    }
+                                })
+                                .await?;
+                            resp.nack_results.extend(r);
+                        }
+                        Ok::<_, Status>(())
+                    }
+                    .await;
+                    let settled = !resp.ack_results.is_empty()
+                        || !resp.extend_results.is_empty()
+                        || !resp.nack_results.is_empty();
+                    let sent = match outcome {
+                        Err(e) => tx.send(Err(e)).await,
+                        Ok(()) if settled => tx.send(Ok(resp)).await,
+                        Ok(()) => Ok(()),
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                done.store(true, Ordering::SeqCst);
+                granted.notify_one();
+            });
+        }
+        // Deliveries, as credit allows.
+        {
+            let q = self.clone();
+            tokio::spawn(async move {
+                while !done.load(Ordering::SeqCst) {
+                    let have = credits.load(Ordering::SeqCst);
+                    if have == 0 {
+                        granted.notified().await;
+                        continue;
+                    }
+                    let req = pb::ReceiveRequest {
+                        topic: topic.clone(),
+                        group: group.clone(),
+                        consumer: consumer.clone(),
+                        max_messages: have.min(MAX_BATCH as u64) as u32,
+                        wait_ms: 1_000,
+                        partitions: partitions.clone(),
+                        ..Default::default()
+                    };
+                    match q.receive(Request::new(req)).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            if r.messages.is_empty() {
+                                continue;
+                            }
+                            credits.fetch_sub(r.messages.len() as u64, Ordering::SeqCst);
+                            let resp = pb::SubscribeResponse {
+                                credits: credits.load(Ordering::SeqCst),
+                                messages: r.messages,
+                                assignment: r.assignment,
+                                ..Default::default()
+                            };
+                            if tx.send(Ok(resp)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            // Not the leader of anything wanted, topic gone…:
+                            // the consumer re-subscribes where the hint says.
+                            let _ = tx.send(Err(e)).await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
+}
+
+/// The visibility a Subscribe's lease extensions get: the group's own.
+fn group_visibility(q: &Queues, topic: &str, group: &str) -> u64 {
+    q.meta_state
+        .read()
+        .topics
+        .get(topic)
+        .and_then(|t| t.groups.get(group))
+        .map_or(30_000, |g| g.config.visibility_timeout_ms)
 }

@@ -124,3 +124,93 @@ async fn client_routes_partitions_and_ordered_groups_keep_order_across_failover(
         c.kill(id).await;
     }
 }
+
+/// Subscribe: the server never sends more messages than the consumer
+/// granted credits for; acks on the stream settle them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_respects_credits() {
+    let c = Cluster::start().await;
+    let q = c.queue_client();
+    q.create_topic("jobs", pb::TopicConfig::default())
+        .await
+        .unwrap();
+    q.create_group("jobs", "w", None, None).await.unwrap();
+    let info = wait_partitions_led(&c, "jobs", 1).await;
+    let msgs: Vec<pb::Message> = (0..20u32)
+        .map(|i| pb::Message {
+            payload: format!("job-{i}").into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    q.produce("jobs", msgs).await.unwrap();
+
+    let leader = info.partitions[0].leader_addr.clone();
+    let mut cl = c.client(&leader).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::SubscribeRequest>(8);
+    tx.send(pb::SubscribeRequest {
+        topic: "jobs".into(),
+        group: "w".into(),
+        consumer: "push".into(),
+        credits: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = cl
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got: Vec<pb::ReceivedMessage> = Vec::new();
+    while got.len() < 5 {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("messages within 10 s")
+            .unwrap()
+            .unwrap();
+        got.extend(r.messages);
+    }
+    assert_eq!(got.len(), 5, "exactly the credit");
+    // No credit left: nothing more comes, however long we wait.
+    let more = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(more.is_err(), "a message arrived without credit: {more:?}");
+    // Acks on the stream settle; they grant nothing.
+    tx.send(pb::SubscribeRequest {
+        acks: got.iter().map(|m| m.receipt.clone()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.ack_results.len(), 5);
+    assert!(r.ack_results.iter().all(|a| a.ok), "{:?}", r.ack_results);
+    assert!(r.messages.is_empty());
+    // Fifteen more credits bring the other fifteen.
+    tx.send(pb::SubscribeRequest {
+        credits: 15,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    got.clear();
+    while got.len() < 15 {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.extend(r.messages);
+    }
+    assert_eq!(got.len(), 15);
+    let mut payloads: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    payloads.sort();
+    payloads.dedup();
+    assert_eq!(payloads.len(), 15);
+}
