@@ -40,6 +40,15 @@ pub const IMAGES: &[Image] = &[
         port: Some(7001),
     },
     Image {
+        name: "queue-svc",
+        bins: &["queue-svc", "dsync"],
+        env: &[
+            ("DSYNC_LISTEN", "0.0.0.0:7001"),
+            ("DSYNC_DATA_DIR", "/var/lib/dsync"),
+        ],
+        port: Some(7001),
+    },
+    Image {
         name: "e2e",
         bins: &["dsync-e2e"],
         env: &[],
@@ -93,6 +102,8 @@ pub fn build_all() -> Result {
         "--release",
         "-p",
         "lock-svc",
+        "-p",
+        "queue-svc",
         "-p",
         "client",
         "-p",

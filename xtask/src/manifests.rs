@@ -21,12 +21,23 @@ pub struct Service {
     pub metrics_port: u16,
 }
 
-pub const SERVICES: &[Service] = &[Service {
-    name: "lock-svc",
-    grpc_service: "dsync.lock.v1.LockService",
-    port: 7001,
-    metrics_port: 9090,
-}];
+/// Every service listens on the same ports inside its own pods (its
+/// Services and peer addresses carry its name, so nothing collides);
+/// `cargo xtask up` gives them distinct ports on 127.0.0.1 instead.
+pub const SERVICES: &[Service] = &[
+    Service {
+        name: "lock-svc",
+        grpc_service: "dsync.lock.v1.LockService",
+        port: 7001,
+        metrics_port: 9090,
+    },
+    Service {
+        name: "queue-svc",
+        grpc_service: "dsync.queue.v1.QueueService",
+        port: 7001,
+        metrics_port: 9090,
+    },
+];
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

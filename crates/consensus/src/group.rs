@@ -459,13 +459,23 @@ impl Driver {
             self.send(msgs);
         }
         let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+        // Without `sync` (a group that trades the last moments of writes
+        // for latency), a vote or a new term is still fsync'd: forgetting
+        // one after a crash could elect two leaders in one term. So is a
+        // snapshot, which replaces the log.
+        let sync = self.cfg.sync
+            || snapshot.is_some()
+            || rd.hs().is_some_and(|hs| {
+                let stored = self.storage.hard_state();
+                hs.term != stored.term || hs.vote != stored.vote
+            });
         self.storage.persist(
             WriteSet {
                 snapshot: snapshot.as_ref(),
                 entries: rd.entries(),
                 hard_state: rd.hs().cloned(),
             },
-            self.cfg.sync,
+            sync,
         )?;
         if let Some(snap) = snapshot {
             self.install_snapshot(&snap)?;

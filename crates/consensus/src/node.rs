@@ -105,7 +105,21 @@ impl Node {
         &self,
         group: u64,
         initial_voters: &[u64],
+        sm: Box<dyn StateMachine>,
+    ) -> Result<GroupHandle> {
+        self.start_group_with(group, initial_voters, sm, |_| {})
+    }
+
+    /// [`Node::start_group`] with this group's own settings: the node's
+    /// [`Config`] changed by `tweak` (e.g. `sync = false` for a group whose
+    /// users chose latency over the last moments of writes, or a larger
+    /// `snapshot_entries` for a group whose snapshots are large).
+    pub fn start_group_with(
+        &self,
+        group: u64,
+        initial_voters: &[u64],
         mut sm: Box<dyn StateMachine>,
+        tweak: impl FnOnce(&mut Config),
     ) -> Result<GroupHandle> {
         if self.inner.stopped.load(Ordering::SeqCst) {
             return Err(Error::Stopped(group));
@@ -114,7 +128,9 @@ impl Node {
         if groups.contains_key(&group) {
             return Err(Error::Invalid(format!("group {group} is already running")));
         }
-        let cfg = self.inner.cfg.clone();
+        let mut own = (*self.inner.cfg).clone();
+        tweak(&mut own);
+        let cfg = Arc::new(own);
         let storage = match self.inner.store.read().as_ref() {
             Some(store) => store.group(group)?,
             None => return Err(Error::Stopped(group)),

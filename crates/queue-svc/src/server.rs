@@ -223,14 +223,23 @@ async fn reconcile(q: &Queues, dir: &std::path::Path) -> Result<(), String> {
         };
         let shared = Shared::new(config, dir.join(gid.to_string())).map_err(|e| e.to_string())?;
         let voters = &t.partitions[p as usize].replicas;
+        let sync = spec.durability == crate::meta::Durability::Sync;
         let group = q
             .node
-            .start_group(
+            .start_group_with(
                 gid,
                 voters,
                 Box::new(PartitionMachine {
                     shared: shared.clone(),
                 }),
+                |c| {
+                    // ASYNC: acknowledged once on a quorum in memory; the
+                    // fsync follows (votes and terms are always synced).
+                    c.sync = sync;
+                    // A partition's snapshot carries its live payloads:
+                    // take them less often than a small state machine.
+                    c.snapshot_entries = c.snapshot_entries.max(50_000);
+                },
             )
             .map_err(|e| format!("starting partition group {gid}: {e}"))?;
         q.partitions.write().insert(

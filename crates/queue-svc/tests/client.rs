@@ -131,9 +131,17 @@ async fn client_routes_partitions_and_ordered_groups_keep_order_across_failover(
 async fn subscribe_respects_credits() {
     let c = Cluster::start().await;
     let q = c.queue_client();
-    q.create_topic("jobs", pb::TopicConfig::default())
-        .await
-        .unwrap();
+    // ASYNC durability: acknowledged before the fsync; same semantics
+    // short of a machine crash.
+    q.create_topic(
+        "jobs",
+        pb::TopicConfig {
+            durability: pb::Durability::Async as i32,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     q.create_group("jobs", "w", None, None).await.unwrap();
     let info = wait_partitions_led(&c, "jobs", 1).await;
     let msgs: Vec<pb::Message> = (0..20u32)
