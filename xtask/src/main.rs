@@ -213,6 +213,7 @@ fn validate_manifests() -> Result {
 const BENCHES: &[(&str, &str, &str)] = &[
     ("consensus", "consensus", "consensus_bench"),
     ("lock", "lock-svc", "lock_bench"),
+    ("queue", "queue-svc", "queue_bench"),
 ];
 
 fn bench(args: &[String]) -> Result {
@@ -225,10 +226,41 @@ fn bench(args: &[String]) -> Result {
         .iter()
         .find(|(n, _, _)| n == what)
         .ok_or_else(usage)?;
+    if *what == "queue" {
+        // The bench runs replicas as processes, and JetStream beside them.
+        let mut b = cargo();
+        b.args([
+            "build",
+            "--release",
+            "-p",
+            "queue-svc",
+            "--bin",
+            "queue-svc",
+        ]);
+        run(b)?;
+        install_nats_server();
+    }
     let mut c = cargo();
     c.args(["run", "--release", "-p", krate, "--example", example, "--"])
         .args(rest);
     run(c)
+}
+
+/// Installs Debian's nats-server for the JetStream comparison when it is
+/// missing and apt can (root); otherwise the bench runs without it.
+fn install_nats_server() {
+    let present = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return;
+    }
+    let mut apt = Command::new("apt-get");
+    apt.args(["install", "-y", "-q", "nats-server"]);
+    if let Err(e) = run(apt) {
+        eprintln!("xtask bench: could not install nats-server ({e}); JetStream rows skipped");
+    }
 }
 
 /// The services `up` starts: (binary, first gRPC port, first metrics port).

@@ -107,11 +107,20 @@ fn rewrite_codec_error(resp: http::Response<BoxBody>) -> http::Response<BoxBody>
         .map(|s| s.message().to_owned())
         .unwrap_or_default();
     if code == Code::OutOfRange && message.contains("decoded message length too large") {
+        // The service's own limit, as tonic states it ("… the limit is: N
+        // bytes"); services set their own (lock-svc MAX_REQUEST_BYTES,
+        // queue-svc 16 MiB).
+        let limit = message
+            .split("the limit is: ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(MAX_REQUEST_BYTES);
         error(
             Code::ResourceExhausted,
-            format!("the request is larger than this service's limit of {MAX_REQUEST_BYTES} bytes ({message})"),
+            format!("the request is larger than this service's limit of {limit} bytes ({message})"),
             "REQUEST_TOO_LARGE",
-            [("limit_bytes", MAX_REQUEST_BYTES.to_string())],
+            [("limit_bytes", limit.to_string())],
         )
         .into_http()
     } else if code == Code::Internal && message.contains("failed to decode Protobuf message") {

@@ -1776,6 +1776,13 @@ impl PartitionState {
     }
 
     /// Ids held by the deduplication window (for tests and metrics).
+    /// The offset a message id was stored at, if it is still within the
+    /// dedup window (as of this state's clock).
+    pub fn stored_id(&self, id: &str) -> Option<u64> {
+        self.dedup
+            .lookup(id, self.now_ms, self.config.dedup_window_ms)
+    }
+
     pub fn dedup_ids(&self) -> usize {
         self.dedup.len()
     }

@@ -176,7 +176,15 @@ async fn reconcile(q: &Queues, dir: &std::path::Path) -> Result<(), String> {
     // Stop and delete partitions whose topic is gone.
     let running: Vec<u64> = q.partitions.read().keys().copied().collect();
     for gid in running.into_iter().filter(|g| !wanted.contains(g)) {
-        q.partitions.write().remove(&gid);
+        let removed = q.partitions.write().remove(&gid);
+        if let Some(p) = removed {
+            zero_partition_gauges(&p);
+            let labels = [
+                ("topic", p.topic.clone()),
+                ("partition", p.index.to_string()),
+            ];
+            metrics::gauge!("dsync_queue_partition_leader", &labels).set(0.0);
+        }
         let node = q.node.clone();
         let pdir = dir.join(gid.to_string());
         tokio::task::spawn_blocking(move || {
@@ -356,13 +364,19 @@ async fn tick_loop(q: Queues, interval: Duration, mut closed: watch::Receiver<bo
 }
 
 /// Copies dead letters to the topic's dead-letter topic (the partition of
-/// the same index, when this replica leads it), then finalizes them. The
-/// copy's message id is derived from its origin, so a retried move is
-/// stored once. A topic without a dead-letter topic drops them.
+/// the same index, modulo its count), then finalizes them.
+///
+/// Each copy's message id is derived from its origin, so copying is
+/// idempotent (the DLQ partition deduplicates it), and a dead letter is
+/// finalized only once this replica's copy of the DLQ partition shows the
+/// id stored: proposed directly when this replica leads the DLQ partition,
+/// else forwarded to its leader through the local replica (fire and
+/// forget) and confirmed on a later tick. A topic without a dead-letter
+/// topic drops them.
 async fn move_dead_letters(q: &Queues, part: &Partition, dead: Vec<crate::partition::DeadLetter>) {
     let topic = q.meta_state.read().topics.get(&part.topic).cloned();
     let Some(topic) = topic else { return };
-    let mut by_group: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    let mut done: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     if let Some(dlq_name) = &topic.spec.dead_letter_topic {
         let Some(dlq) = q.meta_state.read().topics.get(dlq_name).cloned() else {
             return;
@@ -373,15 +387,19 @@ async fn move_dead_letters(q: &Queues, part: &Partition, dead: Vec<crate::partit
             .read()
             .get(&dlq.partitions[dp as usize].group_id)
             .cloned()
-            .filter(|t| t.group.status().is_leader())
         else {
-            // Led elsewhere: the dead letters wait (they are never
-            // delivered meanwhile) until leadership lines up here.
+            // No replica of it here (a user-chosen DLQ placed elsewhere):
+            // the dead letters wait, never delivered meanwhile.
             return;
         };
         let mut messages = Vec::new();
         let mut payloads = Vec::new();
         for d in &dead {
+            let id = format!("dlq:{}:{}:{}:{}", topic.id, part.index, d.group, d.offset);
+            if target.shared.data.read().state.stored_id(&id).is_some() {
+                done.entry(d.group.clone()).or_default().push(d.offset);
+                continue;
+            }
             let payload = match part.shared.data.read().segments.read(d.offset) {
                 Ok(p) => p,
                 Err(e) => {
@@ -410,46 +428,51 @@ async fn move_dead_letters(q: &Queues, part: &Partition, dead: Vec<crate::partit
             ]);
             headers.sort();
             messages.push(NewMessage {
-                id: Some(format!(
-                    "dlq:{}:{}:{}:{}",
-                    topic.id, part.index, d.group, d.offset
-                )),
+                id: Some(id),
                 key: d.meta.key.clone(),
                 priority: d.meta.priority,
                 headers,
                 size: payload.len() as u64,
             });
             payloads.push(payload);
-            by_group.entry(d.group.clone()).or_default().push(d.offset);
         }
-        if messages.is_empty() {
-            return;
-        }
-        let moved = target
-            .group
-            .propose(encode(&Proposal {
+        if !messages.is_empty() {
+            let copy = encode(&Proposal {
                 cmd: Command::Produce {
                     now_ms: now_ms(),
                     messages,
                 },
                 payloads,
-            }))
-            .await;
-        match moved.map(|o| crate::machine::decode::<Outcome>(&o)) {
-            Ok(Ok(Outcome::Produced(_))) => {}
-            other => {
-                tracing::warn!(topic = %topic.name, outcome = ?other.map(|o| o.map(|_| ())), "dead letters not moved yet");
-                return;
+            });
+            if target.group.status().is_leader() {
+                match target
+                    .group
+                    .propose(copy)
+                    .await
+                    .map(|o| crate::machine::decode::<Outcome>(&o))
+                {
+                    Ok(Ok(Outcome::Produced(_))) => {
+                        // Stored: finalize on the next tick, when the
+                        // local copy shows the ids (it does already).
+                    }
+                    other => tracing::warn!(
+                        topic = %topic.name,
+                        outcome = ?other.map(|o| o.map(|_| ())),
+                        "dead letters not moved yet"
+                    ),
+                }
+            } else if let Err(e) = target.group.forward(copy) {
+                tracing::debug!(error = %e, "forwarding dead letters");
             }
         }
     } else {
         for d in &dead {
-            by_group.entry(d.group.clone()).or_default().push(d.offset);
+            done.entry(d.group.clone()).or_default().push(d.offset);
         }
     }
-    for (group, offsets) in by_group {
+    for (group, offsets) in done {
         let n = offsets.len() as u64;
-        if propose(
+        let finalized = propose(
             part,
             Command::DeadLettered {
                 now_ms: now_ms(),
@@ -457,9 +480,8 @@ async fn move_dead_letters(q: &Queues, part: &Partition, dead: Vec<crate::partit
                 offsets,
             },
         )
-        .await
-        .is_some()
-        {
+        .await;
+        if finalized.is_some() {
             metrics::counter!("dsync_queue_dead_lettered_total", "topic" => part.topic.clone())
                 .increment(n);
         }
@@ -485,6 +507,9 @@ fn publish_gauges(q: &Queues) {
             0.0
         });
         if !leader {
+            // Figures come from the leader only; a former leader reports
+            // zeros, so sums over replicas stay right.
+            zero_partition_gauges(p);
             continue;
         }
         led += 1;
@@ -517,4 +542,42 @@ fn publish_gauges(q: &Queues) {
     }
     metrics::gauge!("dsync_queue_partitions").set(parts.len() as f64);
     metrics::gauge!("dsync_queue_partitions_led").set(led as f64);
+}
+
+/// Zeros a partition's gauges (not its leader any more, or removed).
+fn zero_partition_gauges(p: &Partition) {
+    let labels = [
+        ("topic", p.topic.clone()),
+        ("partition", p.index.to_string()),
+    ];
+    for name in [
+        "dsync_queue_partition_depth",
+        "dsync_queue_partition_bytes",
+        "dsync_queue_partition_oldest_age_seconds",
+        "dsync_queue_partition_in_flight",
+    ] {
+        metrics::gauge!(name, &labels).set(0.0);
+    }
+    let groups: Vec<String> = p
+        .shared
+        .data
+        .read()
+        .state
+        .groups()
+        .map(|(g, _)| g.to_owned())
+        .collect();
+    for group in groups {
+        let gl = [
+            ("topic", p.topic.clone()),
+            ("partition", p.index.to_string()),
+            ("group", group),
+        ];
+        for name in [
+            "dsync_queue_group_lag",
+            "dsync_queue_group_in_flight",
+            "dsync_queue_group_dead_letter_pending",
+        ] {
+            metrics::gauge!(name, &gl).set(0.0);
+        }
+    }
 }
