@@ -123,6 +123,8 @@ pub(crate) struct Driver {
     snaps: SnapDir,
     /// Index of the snapshot being written in the background, if any.
     snapshot_in_progress: Option<u64>,
+    /// Whether this replica led at the end of the last ready.
+    led: bool,
     /// `snapshot()` callers waiting for the one in progress.
     snapshot_waiters: Vec<Reply<u64>>,
     /// Proposals by the log index their entry was appended at.
@@ -174,6 +176,7 @@ impl Driver {
             status,
             snaps,
             snapshot_in_progress: None,
+            led: false,
             snapshot_waiters: Vec::new(),
             pending: BTreeMap::new(),
             reads: HashMap::new(),
@@ -417,6 +420,22 @@ impl Driver {
         }
     }
 
+    /// Leadership was lost (deposed by a higher term, or check-quorum
+    /// found no quorum). Proposals still pending may yet commit under the
+    /// next leader, or not: say so now rather than at their deadline, so
+    /// callers retry on the new leader at once. Unconfirmed reads go too.
+    fn stepped_down(&mut self) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(Error::Unknown(
+                "this replica lost leadership before it committed; it may still commit".into(),
+            )));
+        }
+        let err = self.not_leader();
+        for (_, (_, r)) in self.reads.drain() {
+            let _ = r.send(Err(err.clone()));
+        }
+    }
+
     fn fail_all(&mut self, err: Error) {
         // Appended proposals may still commit on the other replicas.
         for (_, p) in std::mem::take(&mut self.pending) {
@@ -503,6 +522,11 @@ impl Driver {
         for (reply, res) in self.answers.drain(..) {
             let _ = reply.send(res);
         }
+        let leads = self.raw.raft.state == StateRole::Leader;
+        if self.led && !leads {
+            self.stepped_down();
+        }
+        self.led = leads;
         self.release_reads();
         Ok(())
     }

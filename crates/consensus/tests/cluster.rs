@@ -138,12 +138,16 @@ async fn minority_leader_steps_down_and_cannot_commit() {
     let majority: Vec<u64> = (1..=3).filter(|&n| n != old).collect();
     c.net.isolate(old, &[1, 2, 3]);
 
-    // A write to the isolated leader never commits.
+    // A write to the isolated leader never commits (it is answered
+    // "unknown" as soon as check-quorum deposes the leader).
     let stuck = c.handle(old, G).propose(cmd(999)).await;
     assert!(
         matches!(
             stuck,
-            Err(Error::Timeout) | Err(Error::NotLeader { .. }) | Err(Error::Dropped(_))
+            Err(Error::Timeout)
+                | Err(Error::NotLeader { .. })
+                | Err(Error::Dropped(_))
+                | Err(Error::Unknown(_))
         ),
         "minority write must not succeed: {stuck:?}"
     );

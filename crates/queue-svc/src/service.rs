@@ -1110,7 +1110,12 @@ impl QueueService for Queues {
                 .filter(|&p| wanted(p) && !led.iter().any(|l| l.index == p))
                 .map(|p| pb::PartitionRoute {
                     partition: p,
-                    leader: proto::leader_hint(&self.not_here(&t, p)),
+                    // The partition's leader as this replica knows it
+                    // (or its preferred replica, when not hosted here).
+                    leader: self
+                        .leading(&t, p)
+                        .err()
+                        .and_then(|e| proto::leader_hint(&e)),
                 })
                 .collect(),
         };

@@ -15,6 +15,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub addrs: HashMap<u64, String>,
     pub servers: HashMap<u64, QueueServer>,
+    pub faults: std::sync::Arc<consensus::testkit::Faults>,
 }
 
 impl Cluster {
@@ -24,6 +25,7 @@ impl Cluster {
             dir: tempfile::tempdir().unwrap(),
             addrs,
             servers: HashMap::new(),
+            faults: consensus::testkit::Faults::new(),
         };
         for (i, l) in listeners.into_iter().enumerate() {
             c.start_on(i as u64 + 1, l);
@@ -32,11 +34,12 @@ impl Cluster {
     }
 
     pub fn start_on(&mut self, id: u64, l: tokio::net::TcpListener) {
-        let cfg = QueueConfig::new(
+        let mut cfg = QueueConfig::new(
             id,
             self.addrs.clone(),
             self.dir.path().join(format!("n{id}")),
         );
+        cfg.replica.faults = Some(self.faults.clone());
         self.servers.insert(id, QueueServer::start(cfg, l).unwrap());
     }
 
