@@ -58,6 +58,41 @@ pub struct Shared {
     pub data: RwLock<PartitionData>,
     /// Signalled after every applied command: long polls re-check.
     pub changed: Notify,
+    /// Messages acked by any group, applied here (for the consume rate).
+    pub acked: std::sync::atomic::AtomicU64,
+    /// Produce and consume rates (msg/s), refreshed by the tick loop.
+    pub rates: parking_lot::Mutex<Rates>,
+}
+
+/// Per-second rates, smoothed (EWMA, about 5 s).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rates {
+    pub produce: f64,
+    pub consume: f64,
+    last_offset: u64,
+    last_acked: u64,
+    last_at: Option<std::time::Instant>,
+}
+
+impl Rates {
+    /// Folds in the counters as of now.
+    pub fn update(&mut self, next_offset: u64, acked: u64) {
+        let now = std::time::Instant::now();
+        if let Some(at) = self.last_at {
+            let dt = now.duration_since(at).as_secs_f64();
+            if dt < 0.5 {
+                return;
+            }
+            let alpha = (dt / 5.0).min(1.0);
+            let p = next_offset.saturating_sub(self.last_offset) as f64 / dt;
+            let c = acked.saturating_sub(self.last_acked) as f64 / dt;
+            self.produce += alpha * (p - self.produce);
+            self.consume += alpha * (c - self.consume);
+        }
+        self.last_offset = next_offset;
+        self.last_acked = acked;
+        self.last_at = Some(now);
+    }
 }
 
 impl Shared {
@@ -69,6 +104,8 @@ impl Shared {
                 storage_error: None,
             }),
             changed: Notify::new(),
+            acked: Default::default(),
+            rates: Default::default(),
         }))
     }
 }
@@ -167,6 +204,12 @@ impl PartitionMachine {
         }
         for offset in effects.removed {
             data.segments.remove(offset);
+        }
+        if let Outcome::Acked(results) = &outcome {
+            let n = results.iter().filter(|r| r.is_ok()).count() as u64;
+            self.shared
+                .acked
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
         outcome
     }

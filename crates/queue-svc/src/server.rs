@@ -513,6 +513,11 @@ fn publish_gauges(q: &Queues) {
             continue;
         }
         led += 1;
+        let next_offset = p.shared.data.read().state.next_offset();
+        p.shared.rates.lock().update(
+            next_offset,
+            p.shared.acked.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let d = p.shared.data.read();
         let st = &d.state;
         metrics::gauge!("dsync_queue_partition_depth", &labels).set(st.depth() as f64);

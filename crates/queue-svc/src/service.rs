@@ -639,6 +639,9 @@ impl Queues {
                     info.depth = d.state.depth();
                     info.bytes = d.state.bytes();
                     info.next_offset = d.state.next_offset();
+                    let rates = *p.shared.rates.lock();
+                    info.produce_rate = rates.produce;
+                    info.consume_rate = rates.consume;
                     info.first_offset = d
                         .state
                         .messages()

@@ -653,7 +653,7 @@ async fn queue(q: &dsync_client::QueueClient, cmd: QueueCmd) -> Result<(), Statu
                 info.name, info.depth, info.bytes
             );
             println!(
-                "{:>9} {:>8} {:<22} {:<10} {:>8} {:>9} {:>12} {:>11}",
+                "{:>9} {:>8} {:<22} {:<10} {:>8} {:>9} {:>12} {:>11} {:>8} {:>8}",
                 "partition",
                 "leader",
                 "address",
@@ -661,12 +661,14 @@ async fn queue(q: &dsync_client::QueueClient, cmd: QueueCmd) -> Result<(), Statu
                 "depth",
                 "in-flight",
                 "oldest age",
-                "next offset"
+                "next offset",
+                "in/s",
+                "acked/s"
             );
             for p in &info.partitions {
                 let replicas: Vec<String> = p.replica_ids.iter().map(u64::to_string).collect();
                 println!(
-                    "{:>9} {:>8} {:<22} {:<10} {:>8} {:>9} {:>10}ms {:>11}",
+                    "{:>9} {:>8} {:<22} {:<10} {:>8} {:>9} {:>10}ms {:>11} {:>8.1} {:>8.1}",
                     p.partition,
                     p.leader_id,
                     p.leader_addr,
@@ -674,7 +676,9 @@ async fn queue(q: &dsync_client::QueueClient, cmd: QueueCmd) -> Result<(), Statu
                     p.depth,
                     p.in_flight,
                     p.oldest_message_age_ms,
-                    p.next_offset
+                    p.next_offset,
+                    p.produce_rate,
+                    p.consume_rate
                 );
             }
             for g in &info.groups {
