@@ -5,7 +5,8 @@
 //!   the partition's [`Segments`]: a `Produce` appends the payloads of the
 //!   messages it stored, and every offset the state reports removed has its
 //!   payload dropped. Snapshots are taken off the driver thread: the
-//!   capture clones the state and takes a [`crate::segments::SegmentsView`]
+//!   capture ([`PartitionState::capture`], copy-on-write chunks: O(chunks),
+//!   not O(messages)) and a [`crate::segments::SegmentsView`]
 //!   (open handles on the append-only segment files), and the job writes
 //!   the state followed by every live payload, so a snapshot alone rebuilds
 //!   a replica (on a restart or on a follower that fell behind).
@@ -141,11 +142,21 @@ impl consensus::StateMachine for PartitionMachine {
     }
 
     fn snapshot_job(&self) -> consensus::SnapshotJob {
+        // Runs on the driver thread, under the lock: only capture here, in
+        // O(chunks + groups' entries), not O(backlog) (the capture shares
+        // the state's message chunks copy-on-write). The O(backlog)
+        // serialization happens in the job, on the snapshot thread; the
+        // capture serializes to the same bytes as the state, so the format
+        // (and `restore_from`) is unchanged.
         let data = self.shared.data.read();
-        let state = encode(&data.state);
+        let capture = data.state.capture();
         let view = data.segments.view();
         drop(data);
         Box::new(move |out: &mut dyn Write| {
+            let state = encode(&capture);
+            // Release the shared chunks now: while the capture lives, the
+            // state copies each chunk it changes, and the payloads may take long.
+            drop(capture);
             out.write_all(&(state.len() as u64).to_le_bytes())?;
             out.write_all(&state)?;
             view.write_to(out)

@@ -5,6 +5,7 @@
 //! (unless turned off for the large test) every internal invariant.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::*;
 
@@ -279,6 +280,22 @@ fn roundtrip(s: &PartitionState) -> PartitionState {
 fn roundtrip_postcard(s: &PartitionState) -> PartitionState {
     let bytes = postcard::to_allocvec(s).unwrap();
     postcard::from_bytes(&bytes).unwrap()
+}
+
+/// A state's serialized forms: postcard (what snapshots use) and JSON.
+fn state_bytes(s: &PartitionState) -> (Vec<u8>, String) {
+    (
+        postcard::to_allocvec(s).unwrap(),
+        serde_json::to_string(s).unwrap(),
+    )
+}
+
+/// A capture's serialized forms, to compare with [`state_bytes`].
+fn capture_bytes(c: &PartitionCapture) -> (Vec<u8>, String) {
+    (
+        postcard::to_allocvec(c).unwrap(),
+        serde_json::to_string(c).unwrap(),
+    )
 }
 
 // --- producing and ordering ------------------------------------------------
@@ -1443,6 +1460,10 @@ fn random_run(seed: u64, steps: usize) -> (PartitionState, Vec<(Outcome, Vec<u64
     };
     // Receipts handed out, per group (some go stale: that is the point).
     let mut held: BTreeMap<&str, Vec<Receipt>> = BTreeMap::new();
+    // The latest snapshot capture and the state's bytes when it was taken:
+    // it must keep serializing to them while the next 500 commands (acks,
+    // produces with ids, purges, ...) change the state it shares with.
+    let mut captured: Option<(PartitionCapture, (Vec<u8>, String))> = None;
     let mut log = Vec::new();
     for step in 0..steps {
         h.advance(rng.below(150));
@@ -1581,12 +1602,21 @@ fn random_run(seed: u64, steps: usize) -> (PartitionState, Vec<(Outcome, Vec<u64
         if step % 500 == 0 {
             assert_eq!(roundtrip(&h.s), h.s, "snapshot at step {step}");
             assert_eq!(roundtrip_postcard(&h.s), h.s, "snapshot at step {step}");
+            let capture = h.s.capture();
+            let bytes = state_bytes(&h.s);
+            assert_eq!(capture_bytes(&capture), bytes, "capture at step {step}");
+            if let Some((old, then)) = captured.replace((capture, bytes)) {
+                assert_eq!(capture_bytes(&old), then, "capture before step {step}");
+            }
         }
         log.push((outcome, h.last_removed.clone()));
     }
     // Every offset ever stored is removed exactly once by the end.
     h.run(Command::Purge { now_ms: h.now });
     assert_eq!(h.stored, h.removed);
+    if let Some((old, then)) = captured {
+        assert_eq!(capture_bytes(&old), then, "capture before the purge");
+    }
     (h.s, log)
 }
 
@@ -1624,6 +1654,367 @@ fn replicas_applying_the_same_commands_agree() {
         serde_json::to_string(&a).unwrap(),
         serde_json::to_string(&b).unwrap()
     );
+}
+
+// --- snapshot captures ------------------------------------------------------------
+
+/// The commands of [`a_capture_stays_as_taken_while_the_state_goes_on`],
+/// optionally with a capture alive from the middle on: the capture must
+/// keep serializing to the bytes the state had then, restore to the state
+/// as it was then, and make no difference to the state or its outcomes.
+/// Returns the state before the final purge and the removals.
+fn capture_scenario(capture_alive: bool) -> (PartitionState, BTreeSet<u64>) {
+    let mut h = H::new(PartitionConfig {
+        dedup_window_ms: 10_000,
+        ..Default::default()
+    });
+    h.group(
+        "s",
+        GroupConfig {
+            max_attempts: 2,
+            ..shared()
+        },
+    );
+    // Owes only the tail, so acks in "s" remove messages.
+    h.group_at("o", ordered(), StartAt::Offset(900));
+    // Four chunks; a third of the messages with ids.
+    h.produce(
+        (0..1_000)
+            .map(|i| NewMessage {
+                id: (i % 3 == 0).then(|| format!("m{i}")),
+                ..prio((i % 10) as u8)
+            })
+            .collect(),
+    );
+    let s = h.receive("s", 300);
+    h.nack("s", &receipts(&s[..10]), None, Some("later"));
+    let o = h.receive("o", 1);
+
+    let then = h.s.clone();
+    let taken = capture_alive.then(|| (h.s.capture(), state_bytes(&h.s)));
+    if let Some((capture, bytes)) = &taken {
+        assert_eq!(&capture_bytes(capture), bytes);
+    }
+
+    // Acks across every chunk (priority 9 first: offsets 9, 19, ...).
+    h.ack_all("s", &s[10..]);
+    h.ack_all("o", &o);
+    // The tail chunk, new chunks, and most dedup shards.
+    h.produce((0..300).map(|i| with_id(&format!("n{i}"))).collect());
+    // The nacked ones come back, fail again, die, are dead-lettered.
+    h.advance(VIS);
+    let retried = h.receive("s", 10);
+    assert_eq!(offsets(&retried), offsets(&s[..10]));
+    h.nack("s", &receipts(&retried), None, None);
+    assert_eq!(h.s.pending_dead_letters().len(), 10);
+    assert_eq!(h.dead_lettered("s", &offsets(&retried)), 10);
+    h.reset("o", StartAt::Latest);
+    // Leases expire, the dedup window rotates (twice).
+    h.advance(15_000);
+    h.tick();
+    h.produce(vec![with_id("m0"), with_id("n0"), msg()]);
+    h.advance(15_000);
+    h.tick();
+    h.produce(vec![with_id("n1"), msg()]);
+    let before_purge = h.s.clone();
+    if let Some((capture, bytes)) = &taken {
+        assert_eq!(&capture_bytes(capture), bytes);
+    }
+    h.run(Command::Purge { now_ms: h.now });
+    assert_eq!(h.s.depth(), 0);
+
+    if let Some((capture, bytes)) = taken {
+        assert_eq!(capture_bytes(&capture), bytes);
+        let restored: PartitionState = postcard::from_bytes(&bytes.0).unwrap();
+        restored.check_invariants().unwrap();
+        assert_eq!(restored, then);
+        assert_eq!(
+            serde_json::from_str::<PartitionState>(&bytes.1).unwrap(),
+            then
+        );
+    }
+    (before_purge, h.removed)
+}
+
+#[test]
+fn a_capture_stays_as_taken_while_the_state_goes_on() {
+    // The harness checks every invariant after every command; and the
+    // state does not notice whether a capture shares its chunks.
+    let with = capture_scenario(true);
+    let without = capture_scenario(false);
+    assert_eq!(with, without);
+}
+
+#[test]
+fn a_capture_serializes_as_the_state() {
+    // Also checked along every random run (`random_run`); here the edge
+    // cases: empty, no groups, and a group of each kind on one message.
+    let mut s = PartitionState::new(PartitionConfig::default());
+    assert_eq!(capture_bytes(&s.capture()), state_bytes(&s));
+    s.apply(Command::Produce {
+        now_ms: 5,
+        messages: vec![with_id("a")],
+    });
+    assert_eq!(capture_bytes(&s.capture()), state_bytes(&s));
+    for (name, config) in [("x", shared()), ("y", ordered())] {
+        s.apply(Command::CreateGroup {
+            now_ms: 6,
+            group: name.into(),
+            config,
+            start: StartAt::Earliest,
+        });
+    }
+    s.apply(Command::Receive {
+        now_ms: 7,
+        group: "y".into(),
+        consumer: "c".into(),
+        max: 1,
+        lease_id: 3,
+    });
+    assert_eq!(capture_bytes(&s.capture()), state_bytes(&s));
+}
+
+/// The dedup generations are sharded in memory but serialize, byte for
+/// byte, as the two plain maps they used to be (so snapshots written
+/// before and after the change are the same and read the same).
+#[test]
+fn dedup_serializes_as_two_plain_maps() {
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    #[serde(rename = "Dedup")]
+    struct PlainDedup {
+        current: BTreeMap<String, Seen>,
+        previous: BTreeMap<String, Seen>,
+        current_since_ms: u64,
+    }
+    let mut rng = Rng(5);
+    let mut dedup = Dedup::default();
+    let mut plain = PlainDedup {
+        current: BTreeMap::new(),
+        previous: BTreeMap::new(),
+        current_since_ms: 0,
+    };
+    let check = |dedup: &Dedup, plain: &PlainDedup| {
+        assert_eq!(
+            postcard::to_allocvec(dedup).unwrap(),
+            postcard::to_allocvec(plain).unwrap()
+        );
+        let json = serde_json::to_string(plain).unwrap();
+        assert_eq!(serde_json::to_string(dedup).unwrap(), json);
+        assert_eq!(&serde_json::from_str::<Dedup>(&json).unwrap(), dedup);
+        let back: PlainDedup =
+            postcard::from_bytes(&postcard::to_allocvec(dedup).unwrap()).unwrap();
+        assert_eq!(&back, plain);
+    };
+    check(&dedup, &plain);
+    for now in 1..3_000u64 {
+        // Ids of every length and shared prefixes ("a" < "a\0" < "ab"),
+        // and non-ASCII, so the merge order is byte order.
+        let alphabet = ["a", "b", "\0", "é", "zz", "9"];
+        let id: String = (0..rng.below(6))
+            .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+            .collect();
+        if !id.is_empty() && dedup.lookup(&id, now, 400).is_none() {
+            dedup.record(id.clone(), now, now);
+            plain.current.insert(
+                id,
+                Seen {
+                    offset: now,
+                    at_ms: now,
+                },
+            );
+        }
+        dedup.rotate(now, 400);
+        if plain.current_since_ms != dedup.current_since_ms {
+            plain.previous = if now >= plain.current_since_ms + 800 {
+                BTreeMap::new()
+            } else {
+                std::mem::take(&mut plain.current)
+            };
+            plain.current.clear();
+            plain.current_since_ms = dedup.current_since_ms;
+        }
+        if now % 97 == 0 {
+            check(&dedup, &plain);
+        }
+    }
+    assert!(dedup.len() > 50);
+    check(&dedup, &plain);
+}
+
+/// Offsets of the state's chunks that the capture does not share (copied
+/// since, or new).
+fn unshared_chunks(s: &PartitionState, c: &PartitionCapture) -> Vec<u64> {
+    let held: BTreeSet<*const Chunk> = c.messages.chunks.iter().map(Arc::as_ptr).collect();
+    s.messages
+        .chunks
+        .iter()
+        .filter(|(_, chunk)| !held.contains(&Arc::as_ptr(chunk)))
+        .map(|(&key, _)| key)
+        .collect()
+}
+
+/// Dedup shards of the state that the capture does not share.
+fn unshared_shards(s: &Dedup, c: &Dedup) -> usize {
+    let pairs = s.current.shards.iter().zip(&c.current.shards);
+    let pairs = pairs.chain(s.previous.shards.iter().zip(&c.previous.shards));
+    pairs.filter(|(a, b)| !Arc::ptr_eq(a, b)).count()
+}
+
+/// What a capture costs, counted rather than timed: it shares the store's
+/// chunks (one `Arc` per 256 offsets) and the dedup shards instead of
+/// copying any message or id, and copies the groups' entries only. After
+/// it, each chunk or shard the state changes is copied once; once the
+/// capture is dropped, nothing is.
+#[test]
+fn a_capture_shares_chunks_and_copies_on_write() {
+    const N: u64 = 200_000;
+    let mut h = H::new(PartitionConfig {
+        max_message_bytes: 0,
+        dedup_window_ms: 60_000,
+        ..Default::default()
+    });
+    h.check = false;
+    h.group("s", shared());
+    for batch in 0..N / 1_000 {
+        h.produce(
+            (0..1_000)
+                .map(|i| NewMessage {
+                    id: (i % 7 == 0).then(|| format!("m{batch}-{i}")),
+                    priority: (i % 3) as u8,
+                    size: 100,
+                    ..Default::default()
+                })
+                .collect(),
+        );
+    }
+    let delivered = h.receive("s", 100);
+    let chunks = N.div_ceil(CHUNK as u64) as usize;
+    assert_eq!(h.s.messages.chunks.len(), chunks);
+
+    let capture = h.s.capture();
+    let bytes = postcard::to_allocvec(&h.s).unwrap();
+    // O(chunks): the same chunks, each now held by both.
+    assert_eq!(capture.messages.chunks.len(), chunks);
+    assert_eq!(unshared_chunks(&h.s, &capture), Vec::<u64>::new());
+    assert!(h
+        .s
+        .messages
+        .chunks
+        .values()
+        .all(|c| Arc::strong_count(c) == 2));
+    assert_eq!(unshared_shards(&h.s.dedup, &capture.dedup), 0);
+    // O(entries) for groups: the 100 in flight, not the 200,000 behind.
+    assert_eq!(capture.groups["s"].entries.len(), 100);
+
+    // Acking the 100 (priority 2: offsets 2, 5, ..., 299) copies the two
+    // chunks they were in; a produce copies the (partial) tail chunk, and
+    // its id the one dedup shard it goes to.
+    h.ack_all("s", &delivered);
+    h.produce(vec![with_id("new")]);
+    assert_eq!(
+        unshared_chunks(&h.s, &capture),
+        vec![0, 1, N / CHUNK as u64]
+    );
+    assert_eq!(unshared_shards(&h.s.dedup, &capture.dedup), 1);
+    // More changes to the same chunks and shard copy nothing more.
+    let delivered = h.receive("s", 10);
+    h.ack_all("s", &delivered);
+    h.produce(vec![with_id("new"), msg()]);
+    assert_eq!(
+        unshared_chunks(&h.s, &capture),
+        vec![0, 1, N / CHUNK as u64]
+    );
+    assert_eq!(unshared_shards(&h.s.dedup, &capture.dedup), 1);
+    assert_eq!(postcard::to_allocvec(&capture).unwrap(), bytes);
+
+    // With the capture gone, changes are made in place again.
+    drop(capture);
+    let chunk_ptrs = |s: &PartitionState| -> Vec<*const Chunk> {
+        s.messages.chunks.values().map(Arc::as_ptr).collect()
+    };
+    let shard_ptrs = |s: &PartitionState| -> Vec<*const BTreeMap<String, Seen>> {
+        s.dedup.current.shards.iter().map(Arc::as_ptr).collect()
+    };
+    let (chunks_before, shards_before) = (chunk_ptrs(&h.s), shard_ptrs(&h.s));
+    let delivered = h.receive("s", 10);
+    h.ack_all("s", &delivered);
+    h.produce((0..100).map(|i| with_id(&format!("after{i}"))).collect());
+    assert_eq!(chunk_ptrs(&h.s), chunks_before);
+    assert_eq!(shard_ptrs(&h.s), shards_before);
+    h.s.check_invariants().unwrap();
+}
+
+/// Not a test: prints how long a capture takes next to a full serialize,
+/// for a 1M-message state. Run with
+/// `cargo test --release -p queue-svc --lib capture_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn capture_cost() {
+    use std::time::Instant;
+    const N: u64 = 1_000_000;
+    let mut s = PartitionState::new(PartitionConfig {
+        max_message_bytes: 0,
+        dedup_window_ms: 600_000,
+        ..Default::default()
+    });
+    s.apply(Command::CreateGroup {
+        now_ms: 1,
+        group: "s".into(),
+        config: shared(),
+        start: StartAt::Earliest,
+    });
+    for batch in 0..N / 1_000 {
+        s.apply(Command::Produce {
+            now_ms: 2 + batch,
+            messages: (0..1_000)
+                .map(|i| NewMessage {
+                    // Every message with an id: the worst case for dedup.
+                    id: Some(format!("m{batch}-{i}")),
+                    priority: (i % 3) as u8,
+                    size: 100,
+                    ..Default::default()
+                })
+                .collect(),
+        });
+    }
+    s.apply(Command::Receive {
+        now_ms: 5_000,
+        group: "s".into(),
+        consumer: "c".into(),
+        max: 1_000,
+        lease_id: 1,
+    });
+    let now = s.now_ms();
+    let produce = |s: &mut PartitionState, id: &str| {
+        let t = Instant::now();
+        s.apply(Command::Produce {
+            now_ms: now,
+            messages: vec![with_id(id)],
+        });
+        t.elapsed()
+    };
+    println!("depth {}, dedup ids {}", s.depth(), s.dedup_ids());
+    for round in 0..3 {
+        let t = Instant::now();
+        let capture = s.capture();
+        let took_capture = t.elapsed();
+        let first = produce(&mut s, &format!("x{round}"));
+        let second = produce(&mut s, &format!("y{round}"));
+        let t = Instant::now();
+        let bytes = postcard::to_allocvec(&capture).unwrap();
+        let took_encode_capture = t.elapsed();
+        drop(capture);
+        let t = Instant::now();
+        let state_bytes = postcard::to_allocvec(&s).unwrap();
+        let took_encode_state = t.elapsed();
+        let unshared = produce(&mut s, &format!("z{round}"));
+        println!(
+            "capture {took_capture:?}; produces after it {first:?}, {second:?} \
+             (without a capture {unshared:?}); serialize: capture {took_encode_capture:?}, \
+             state {took_encode_state:?} ({} bytes)",
+            bytes.len().max(state_bytes.len())
+        );
+    }
 }
 
 // --- scale ------------------------------------------------------------------------
