@@ -12,9 +12,11 @@
 //!
 //! Retries: a partition call that failed because of its replica (down, not
 //! the leader, election) is retried elsewhere ([`Conn::call_via`]).
-//! Produce is safe to retry when messages carry ids (deduplicated);
-//! [`QueueClient::produce`] gives every message without an id one
-//! (`<client uuid>-<counter>`) so its own retries never duplicate.
+//! Produce is safe to retry when messages carry ids (deduplicated within
+//! the topic's window); a message without an id may be stored twice when
+//! a retried call had in fact succeeded (at-least-once), as with
+//! JetStream without `Nats-Msg-Id`. Ids cost server memory for the
+//! window, so they are the caller's choice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,17 +51,14 @@ struct Route {
 pub struct QueueClient {
     conn: Conn,
     routes: Arc<Mutex<HashMap<String, Arc<Route>>>>,
-    id_prefix: String,
     counter: Arc<AtomicU64>,
 }
 
 impl QueueClient {
     pub fn new(conn: Conn) -> Self {
-        let nonce: u64 = rand::random();
         Self {
             conn,
             routes: Arc::default(),
-            id_prefix: format!("{nonce:016x}"),
             counter: Arc::default(),
         }
     }
@@ -286,7 +285,6 @@ impl QueueClient {
 
     /// Produces a batch, split by partition and sent to each partition's
     /// leader concurrently. Results are in the order of `messages`.
-    /// Messages without a `message_id` get one, so retries are safe.
     pub async fn produce(
         &self,
         topic: &str,
@@ -294,19 +292,22 @@ impl QueueClient {
     ) -> Result<Vec<pb::Produced>, Status> {
         let route = self.route(topic).await?;
         let mut by_partition: BTreeMap<u32, Vec<(usize, pb::Message)>> = BTreeMap::new();
-        for (i, mut m) in messages.drain(..).enumerate() {
-            if m.message_id.is_empty() {
-                let c = self.counter.fetch_add(1, Ordering::Relaxed);
-                m.message_id = format!("{}-{c}", self.id_prefix);
-            }
-            // As the server routes: by key, else by message id (every
-            // message has one now, so key-less ones spread by their ids).
-            let p = if m.key.is_empty() {
+        let mut next_index = 0usize;
+        for m in messages.drain(..) {
+            // As the server routes: by key, else by message id, else round
+            // robin (the receiving leader spreads them over the partitions
+            // it leads).
+            let p = if !m.key.is_empty() {
+                route.ring.partition(&m.key)
+            } else if !m.message_id.is_empty() {
                 route.ring.partition(m.message_id.as_bytes())
             } else {
-                route.ring.partition(&m.key)
+                (self.counter.fetch_add(1, Ordering::Relaxed) % route.leaders.len() as u64) as u32
             };
-            by_partition.entry(p).or_default().push((i, m));
+            by_partition
+                .entry(p)
+                .or_default()
+                .push((i_next(&mut next_index), m));
         }
         let total: usize = by_partition.values().map(Vec::len).sum();
         let calls = by_partition.into_iter().map(|(p, items)| {
@@ -521,4 +522,10 @@ impl QueueClient {
         })
         .await
     }
+}
+
+/// The next request position.
+fn i_next(i: &mut usize) -> usize {
+    *i += 1;
+    *i - 1
 }

@@ -69,6 +69,9 @@ pub struct Queues {
     /// Replica node ids of the cluster (the metadata group's voters).
     pub members: Arc<dyn Fn() -> Vec<u64> + Send + Sync>,
     round_robin: Arc<std::sync::atomic::AtomicU32>,
+    /// Key rings by partition count (building one hashes 100 points per
+    /// partition: too costly per request).
+    rings: Arc<RwLock<HashMap<u32, Arc<PartitionRing>>>>,
 }
 
 fn bad(field: &str, message: impl Into<String>) -> Status {
@@ -150,8 +153,9 @@ fn decode_receipt(s: &str) -> Option<(u32, Receipt)> {
 
 /// Fills in a topic config's defaults and checks it.
 pub fn topic_spec(name: &str, c: &pb::TopicConfig, cluster: usize) -> Result<TopicSpec, Status> {
-    let partitions = if c.partitions == 0 { 1 } else { c.partitions };
-    if partitions > MAX_PARTITIONS {
+    // Required: a topic of 0 partitions is a mistake, not a default.
+    let partitions = c.partitions;
+    if partitions == 0 || partitions > MAX_PARTITIONS {
         return Err(bad(
             "config.partitions",
             format!("must be 1 to {MAX_PARTITIONS}"),
@@ -338,7 +342,19 @@ impl Queues {
             partitions: Arc::default(),
             members,
             round_robin: Arc::default(),
+            rings: Arc::default(),
         }
+    }
+
+    fn ring(&self, partitions: u32) -> Arc<PartitionRing> {
+        if let Some(r) = self.rings.read().get(&partitions) {
+            return r.clone();
+        }
+        self.rings
+            .write()
+            .entry(partitions)
+            .or_insert_with(|| Arc::new(PartitionRing::new(partitions)))
+            .clone()
     }
 
     async fn propose_meta(&self, cmd: MetaCommand) -> Result<MetaOutcome, Status> {
@@ -965,7 +981,7 @@ impl QueueService for Queues {
             return Err(bad("messages", format!("1 to {MAX_BATCH} messages")));
         }
         let t = self.topic(&r.topic)?;
-        let ring = PartitionRing::new(t.spec.partitions);
+        let ring = self.ring(t.spec.partitions);
         // Validate everything and route every message before writing any.
         let mut routed: BTreeMap<u32, Vec<(usize, NewMessage, Vec<u8>)>> = BTreeMap::new();
         let rr = self

@@ -38,8 +38,8 @@ async fn client_routes_partitions_and_ordered_groups_keep_order_across_failover(
     .unwrap();
     wait_partitions_led(&c, "events", 4).await;
 
-    // 1000 key-less messages in batches of 100: the client gives each an
-    // id, so every batch spreads over the partitions and retries are safe.
+    // 1000 key-less messages without ids in batches of 100: round robin
+    // spreads every batch over the partitions.
     let mut sent: BTreeMap<(u32, u64), Vec<u8>> = BTreeMap::new();
     for b in 0..10u32 {
         let msgs: Vec<pb::Message> = (0..100u32)
@@ -136,6 +136,7 @@ async fn subscribe_respects_credits() {
     q.create_topic(
         "jobs",
         pb::TopicConfig {
+            partitions: 1,
             durability: pb::Durability::Async as i32,
             ..Default::default()
         },

@@ -35,6 +35,7 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
             cl.create_topic(pb::CreateTopicRequest {
                 name: "big".into(),
                 config: Some(pb::TopicConfig {
+                    partitions: 1,
                     replication_factor: 5,
                     ..Default::default()
                 }),
@@ -44,6 +45,20 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
         .await
         .unwrap_err();
     assert_eq!(proto::status::reason(&e), "REPLICATION_FACTOR_TOO_HIGH");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    let e = c
+        .call(|mut cl| async move {
+            cl.create_topic(pb::CreateTopicRequest {
+                name: "empty".into(),
+                config: Some(pb::TopicConfig::default()),
+            })
+            .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let info = proto::status::error_info(&e).unwrap();
+    assert_eq!(info.metadata["field"], "config.partitions");
     c.call(|mut cl| async move {
         cl.create_group(pb::CreateGroupRequest {
             topic: "orders".into(),
@@ -116,6 +131,20 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
         }
         assert!(Instant::now() < deadline, "restarted replica idle: {st:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once it caught up, leadership returns to it: leaders spread again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = wait_partitions_led(&c, "orders", 3).await;
+        let leaders: BTreeSet<u64> = info.partitions.iter().map(|p| p.leader_id).collect();
+        if leaders.len() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leaders not rebalanced: {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // A poison message: nacked until its attempts run out, it moves to
@@ -198,6 +227,100 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
     assert_eq!(h["dsync-dlq-origin-message-id"], "m1000");
     assert_eq!(dead[0].payload, payload(1000));
 
+    // Back-pressure and limits: a topic of depth 5 refuses a batch that
+    // would pass it, whole; an oversized message is refused.
+    c.call(|mut cl| async move {
+        cl.create_topic(pb::CreateTopicRequest {
+            name: "small".into(),
+            config: Some(pb::TopicConfig {
+                partitions: 1,
+                max_depth: 5,
+                max_message_bytes: 1000,
+                dead_letter_disabled: true,
+                ..Default::default()
+            }),
+        })
+        .await
+    })
+    .await
+    .unwrap();
+    wait_partitions_led(&c, "small", 1).await;
+    let msgs = |n: usize, size: usize| -> Vec<pb::Message> {
+        (0..n)
+            .map(|_| pb::Message {
+                payload: vec![1; size],
+                ..Default::default()
+            })
+            .collect()
+    };
+    let ok = c
+        .call(|mut cl| {
+            let m = msgs(4, 10);
+            async move {
+                cl.produce(pb::ProduceRequest {
+                    topic: "small".into(),
+                    messages: m,
+                })
+                .await
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.results.len(), 4);
+    let e = c
+        .call(|mut cl| {
+            let m = msgs(2, 10);
+            async move {
+                cl.produce(pb::ProduceRequest {
+                    topic: "small".into(),
+                    messages: m,
+                })
+                .await
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(proto::status::reason(&e), "DEPTH_EXCEEDED");
+    let info = proto::status::error_info(&e).unwrap();
+    assert_eq!(
+        (
+            info.metadata["depth"].as_str(),
+            info.metadata["limit"].as_str()
+        ),
+        ("6", "5")
+    );
+    let e = c
+        .call(|mut cl| {
+            let m = msgs(1, 1001);
+            async move {
+                cl.produce(pb::ProduceRequest {
+                    topic: "small".into(),
+                    messages: m,
+                })
+                .await
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(proto::status::reason(&e), "MESSAGE_TOO_LARGE");
+    let e = c
+        .call(|mut cl| async move {
+            cl.receive(pb::ReceiveRequest {
+                topic: "small".into(),
+                group: "nobody".into(),
+                max_messages: 1,
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), proto::status::reason(&e).as_str()),
+        (tonic::Code::NotFound, "GROUP_NOT_FOUND")
+    );
+
     // Unknown topic and bad receipts get precise statuses.
     let e = c
         .call(|mut cl| async move {
@@ -232,10 +355,26 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
         .await
         .unwrap();
     }
+    c.call(|mut cl| async move {
+        cl.delete_topic(pb::DeleteTopicRequest {
+            name: "small".into(),
+        })
+        .await
+    })
+    .await
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let groups: usize = c.servers.values().map(|s| s.node().groups().len()).sum();
-        if groups == 3 {
+        // Their payload directories go with them.
+        let dirs: usize = (1..=3u64)
+            .map(|n| {
+                std::fs::read_dir(c.dir.path().join(format!("n{n}/partitions")))
+                    .map(|d| d.count())
+                    .unwrap_or(0)
+            })
+            .sum();
+        if groups == 3 && dirs == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "{groups} groups still running");

@@ -522,6 +522,8 @@ async fn main() {
                 }
                 _ => None,
             };
+            // Rows leave their messages queued: free them before the next.
+            admin.delete_topic(&topic).await.unwrap();
             let label = format!("produce {dname:<5} batch {batch:>3} × {producers} producer(s)");
             println!("{label:<44} dsync {ours}");
             if let Some(t) = theirs {
@@ -561,7 +563,10 @@ async fn main() {
         );
     }
 
+    admin.delete_topic(topic).await.unwrap();
     if args.backlog > 0 {
+        // Let the replicas drop the deleted topics' partitions.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let topic = "backlog";
         dsync_topic(&admin, topic, args.partitions, pb::Durability::Sync).await;
         let before: Vec<f64> = dsync_procs.0.iter().map(|c| rss_mb(c.id())).collect();
