@@ -453,13 +453,13 @@ async fn main() {
     let js: Option<Arc<JetStream>> = if with_nats {
         let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let cluster_ports: [u16; 3] = [free_port(), free_port(), free_port()];
-        for i in 0..3 {
+        for (i, &client_port) in client_ports.iter().enumerate() {
             let store = dir.path().join(format!("nats{}", i + 1));
             std::fs::create_dir_all(&store).unwrap();
             let child = Command::new("nats-server")
                 .args(nats::server_args(
                     i + 1,
-                    client_ports[i],
+                    client_port,
                     &cluster_ports,
                     &store,
                 ))
