@@ -247,6 +247,66 @@ impl QueueClient {
             .await
     }
 
+    /// Removes every stored message of the topic, each partition on its
+    /// leader. Returns (messages, bytes) purged.
+    pub async fn purge_topic(&self, name: &str) -> Result<(u64, u64), Status> {
+        let route = self.route(name).await?;
+        let calls = route.leaders.iter().enumerate().map(|(p, slot)| {
+            let req = pb::PurgeTopicRequest {
+                name: name.to_owned(),
+                partitions: vec![p as u32],
+            };
+            async move {
+                self.conn
+                    .call_via(slot, |ch| {
+                        let req = req.clone();
+                        async move { client(ch).purge_topic(req).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+            }
+        });
+        let mut total = (0, 0);
+        for r in futures::future::join_all(calls).await {
+            let r = r?;
+            total.0 += r.purged_messages;
+            total.1 += r.purged_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Moves a group to `to` (replay or skip) in every partition, each on
+    /// its leader. Returns the position each partition now starts from.
+    pub async fn reset_group(
+        &self,
+        topic: &str,
+        group: &str,
+        to: pb::StartPosition,
+    ) -> Result<Vec<pb::PartitionPosition>, Status> {
+        let route = self.route(topic).await?;
+        let calls = route.leaders.iter().enumerate().map(|(p, slot)| {
+            let req = pb::ResetGroupRequest {
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+                to: Some(to.clone()),
+                partitions: vec![p as u32],
+            };
+            async move {
+                self.conn
+                    .call_via(slot, |ch| {
+                        let req = req.clone();
+                        async move { client(ch).reset_group(req).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+            }
+        });
+        let mut out = Vec::new();
+        for r in futures::future::join_all(calls).await {
+            out.extend(r?.positions);
+        }
+        out.sort_by_key(|p| p.partition);
+        Ok(out)
+    }
+
     fn learn(&self, info: &pb::TopicInfo) {
         let mut routes = self.routes.lock();
         let fresh = routes

@@ -538,6 +538,27 @@ impl Queues {
         })
     }
 
+    /// The partitions a request names (all when it names none), checked.
+    fn asked(topic: &Topic, partitions: &[u32]) -> Result<Vec<u32>, Status> {
+        if partitions.is_empty() {
+            return Ok((0..topic.partitions.len() as u32).collect());
+        }
+        let mut out = partitions.to_vec();
+        out.sort_unstable();
+        out.dedup();
+        if let Some(p) = out.iter().find(|&&p| p as usize >= topic.partitions.len()) {
+            return Err(bad(
+                "partitions",
+                format!(
+                    "partition {p}: topic {} has {}",
+                    topic.name,
+                    topic.partitions.len()
+                ),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Groups receipts by partition, keeping each one's request position.
     fn by_partition(
         topic: &Topic,
@@ -825,10 +846,11 @@ impl QueueService for Queues {
         self.read_meta().await?;
         let t = self.topic(&r.name)?;
         let mut resp = pb::PurgeTopicResponse::default();
-        // Every partition must be led here; otherwise NOT_LEADER names the
-        // first one that is not (the client purges partition by partition
-        // on their leaders).
-        let parts = (0..t.partitions.len() as u32)
+        // Every partition asked for must be led here; otherwise NOT_LEADER
+        // names the first one that is not (clients send each leader its
+        // own partitions).
+        let parts = Self::asked(&t, &r.partitions)?
+            .into_iter()
             .map(|p| self.leading(&t, p))
             .collect::<Result<Vec<_>, _>>()?;
         for part in parts {
@@ -947,7 +969,8 @@ impl QueueService for Queues {
         self.read_meta().await?;
         let t = self.topic(&r.topic)?;
         let to = start_at(r.to.as_ref())?;
-        let parts = (0..t.partitions.len() as u32)
+        let parts = Self::asked(&t, &r.partitions)?
+            .into_iter()
             .map(|p| self.leading(&t, p))
             .collect::<Result<Vec<_>, _>>()?;
         let mut positions = Vec::new();
