@@ -103,6 +103,21 @@ enum QueueCmd {
         topic: String,
         group: String,
     },
+    /// Remove every stored message of a topic.
+    Purge {
+        topic: String,
+    },
+    /// Move a group to the earliest stored message (replay) or past the
+    /// last (skip), or to a time (--at-ms).
+    Reset {
+        topic: String,
+        group: String,
+        #[arg(long)]
+        latest: bool,
+        /// First message enqueued at or after this time (ms since epoch).
+        #[arg(long)]
+        at_ms: Option<u64>,
+    },
     /// Produce messages (each argument one payload; none: one per stdin line).
     Produce {
         topic: String,
@@ -729,6 +744,35 @@ async fn queue(q: &dsync_client::QueueClient, cmd: QueueCmd) -> Result<(), Statu
                 "group {group} on {topic}: {}",
                 if r.created { "created" } else { "exists" }
             );
+        }
+        QueueCmd::Purge { topic } => {
+            let (n, bytes) = q.purge_topic(&topic).await?;
+            println!("purged {n} messages ({bytes} bytes) from {topic}");
+        }
+        QueueCmd::Reset {
+            topic,
+            group,
+            latest,
+            at_ms,
+        } => {
+            let to = match (latest, at_ms) {
+                (_, Some(t)) => pb::StartPosition {
+                    kind: pb::PositionKind::Timestamp as i32,
+                    timestamp_ms: t,
+                    ..Default::default()
+                },
+                (true, None) => pb::StartPosition {
+                    kind: pb::PositionKind::Latest as i32,
+                    ..Default::default()
+                },
+                (false, None) => pb::StartPosition {
+                    kind: pb::PositionKind::Earliest as i32,
+                    ..Default::default()
+                },
+            };
+            for p in q.reset_group(&topic, &group, to).await? {
+                println!("partition {} from offset {}", p.partition, p.offset);
+            }
         }
         QueueCmd::DeleteGroup { topic, group } => {
             q.delete_group(&topic, &group).await?;
