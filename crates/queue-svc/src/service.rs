@@ -1007,6 +1007,8 @@ impl QueueService for Queues {
         let ring = self.ring(t.spec.partitions);
         // Validate everything and route every message before writing any.
         let mut routed: BTreeMap<u32, Vec<(usize, NewMessage, Vec<u8>)>> = BTreeMap::new();
+        // The partitions led here, looked up once per request if needed.
+        let mut led: Option<Vec<Partition>> = None;
         let rr = self
             .round_robin
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1042,7 +1044,7 @@ impl QueueService for Queues {
             } else {
                 // Round robin over the partitions led here, so a keyless
                 // batch is served by this replica alone.
-                let led = self.led(&t);
+                let led = led.get_or_insert_with(|| self.led(&t));
                 match led.len() {
                     0 => (rr as usize % t.partitions.len()) as u32,
                     n => led[(rr as usize + i) % n].index,
