@@ -375,9 +375,11 @@ impl QueueClient {
             let topic = topic.to_owned();
             async move {
                 let (idx, msgs): (Vec<usize>, Vec<pb::Message>) = items.into_iter().unzip();
+                // Key-less, id-less messages were balanced here: pin them.
                 let req = pb::ProduceRequest {
                     topic,
                     messages: msgs,
+                    partition: Some(p),
                 };
                 let res = self
                     .conn

@@ -1004,6 +1004,12 @@ impl QueueService for Queues {
             return Err(bad("messages", format!("1 to {MAX_BATCH} messages")));
         }
         let t = self.topic(&r.topic)?;
+        if r.partition.is_some_and(|p| p >= t.spec.partitions) {
+            return Err(bad(
+                "partition",
+                format!("topic {} has {} partitions", t.name, t.spec.partitions),
+            ));
+        }
         let ring = self.ring(t.spec.partitions);
         // Validate everything and route every message before writing any.
         let mut routed: BTreeMap<u32, Vec<(usize, NewMessage, Vec<u8>)>> = BTreeMap::new();
@@ -1041,6 +1047,8 @@ impl QueueService for Queues {
                 ring.partition(&m.key)
             } else if !m.message_id.is_empty() {
                 ring.partition(m.message_id.as_bytes())
+            } else if let Some(p) = r.partition {
+                p
             } else {
                 // Round robin over the partitions led here, so a keyless
                 // batch is served by this replica alone.

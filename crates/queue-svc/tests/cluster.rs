@@ -260,6 +260,7 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
                 cl.produce(pb::ProduceRequest {
                     topic: "small".into(),
                     messages: m,
+                    partition: None,
                 })
                 .await
             }
@@ -274,6 +275,7 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
                 cl.produce(pb::ProduceRequest {
                     topic: "small".into(),
                     messages: m,
+                    partition: None,
                 })
                 .await
             }
@@ -297,6 +299,7 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
                 cl.produce(pb::ProduceRequest {
                     topic: "small".into(),
                     messages: m,
+                    partition: None,
                 })
                 .await
             }
@@ -327,6 +330,7 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
             cl.produce(pb::ProduceRequest {
                 topic: "nope".into(),
                 messages: vec![pb::Message::default()],
+                partition: None,
             })
             .await
         })

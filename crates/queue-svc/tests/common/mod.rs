@@ -182,6 +182,7 @@ impl Cluster {
                         c.produce(pb::ProduceRequest {
                             topic: topic.into(),
                             messages,
+                            partition: None,
                         })
                         .await
                     }
