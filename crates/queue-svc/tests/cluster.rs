@@ -388,3 +388,74 @@ async fn produce_consume_failover_dedup_and_dead_letters() {
         c.kill(id).await;
     }
 }
+
+/// With five replicas, a partition lives on its replication factor of
+/// them (placed by consistent hashing), and only those run its group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_live_on_rf_of_five_replicas() {
+    let mut c = Cluster::start_n(5).await;
+    let q = c.queue_client();
+    q.create_topic(
+        "wide",
+        pb::TopicConfig {
+            partitions: 6,
+            replication_factor: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // DescribeTopic on one replica knows the leaders of the partitions it
+    // hosts; the client merges every replica's view.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        let info = q.describe_everywhere("wide").await.unwrap();
+        if info.partitions.iter().all(|p| p.leader_id != 0) {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "not led: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut hosted: HashMap<u64, usize> = HashMap::new();
+    for p in &info.partitions {
+        assert_eq!(p.replica_ids.len(), 3, "{p:?}");
+        assert!(p.replica_ids.contains(&p.leader_id), "{p:?}");
+        for r in &p.replica_ids {
+            *hosted.entry(*r).or_default() += 1;
+        }
+    }
+    assert!(hosted.len() >= 4, "spread over the replicas: {hosted:?}");
+    // Each replica runs exactly the groups placed on it: the metadata
+    // group, plus its partitions of `wide` and of `wide.dlq` (same
+    // placement).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = c
+            .servers
+            .iter()
+            .all(|(id, s)| s.node().groups().len() == 1 + 2 * hosted.get(id).copied().unwrap_or(0));
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "groups not as placed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let res = q
+        .produce(
+            "wide",
+            (0..60u32)
+                .map(|i| pb::Message {
+                    key: format!("k{i}").into_bytes(),
+                    payload: vec![1; 10],
+                    ..Default::default()
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let used: BTreeSet<u32> = res.iter().map(|r| r.partition).collect();
+    assert!(used.len() >= 4, "{used:?}");
+    for id in c.servers.keys().copied().collect::<Vec<_>>() {
+        c.kill(id).await;
+    }
+}

@@ -20,7 +20,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start() -> Self {
-        let (listeners, addrs) = bind_local(3).await.unwrap();
+        Self::start_n(3).await
+    }
+
+    pub async fn start_n(n: usize) -> Self {
+        let (listeners, addrs) = bind_local(n).await.unwrap();
         let mut c = Self {
             dir: tempfile::tempdir().unwrap(),
             addrs,
