@@ -7,6 +7,7 @@
 //! Each subcommand shells out to cargo with the workspace's shared target dir.
 
 mod e2e;
+mod e2e_queue;
 mod image;
 mod manifests;
 
@@ -25,11 +26,7 @@ fn main() -> ExitCode {
         "up" => up(rest),
         "manifests" => write_manifests(),
         "image" => image::build_all(),
-        "e2e" => e2e::run(
-            rest.first()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(E2E_SECONDS),
-        ),
+        "e2e" => e2e::run_cli(rest),
         "validate-manifests" => validate_manifests(),
         _ => {
             eprintln!(
@@ -40,7 +37,8 @@ fn main() -> ExitCode {
                  up [DATA_DIR]        three replicas of every service on 127.0.0.1\n  \
                  manifests            write k8s/ (generated Kubernetes manifests)\n  \
                  image                build the images (from scratch) into Docker + OCI archives\n  \
-                 e2e [SECONDS]        three replicas in Docker under partitions and kills\n  \
+                 e2e [lock|queue] [SECONDS]  each service's three replicas in Docker under\n  \
+                                      partitions and kills (both services unless one is named)\n  \
                  validate-manifests   check k8s/ against the Kubernetes schemas (offline)"
             );
             return if cmd == "help" {
@@ -61,7 +59,7 @@ fn main() -> ExitCode {
 
 type Result<T = ()> = std::result::Result<T, String>;
 
-/// How long the e2e driver runs (the faults happen inside this window).
+/// How long each e2e driver runs (the faults happen inside this window).
 const E2E_SECONDS: u64 = 60;
 
 fn root() -> PathBuf {

@@ -1,4 +1,6 @@
-//! `dsync-e2e load`: the client side of the Docker end-to-end test.
+//! `dsync-e2e load` and `dsync-e2e queue-load`: the client side of the
+//! Docker end-to-end tests. `queue-load` drives queue-svc (see
+//! [`queue`]); the rest of this page is about `load`, for lock-svc.
 //!
 //! Runs inside a container on the cluster's private network while
 //! `cargo xtask e2e` cuts the leader off, reconnects it, kills and restarts
@@ -27,6 +29,8 @@ use clap::Parser;
 use dsync_client::{LockClient, LockMode, Options};
 use parking_lot::Mutex;
 
+mod queue;
+
 #[derive(Parser)]
 #[command(name = "dsync-e2e")]
 struct Cli {
@@ -47,6 +51,8 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         markers: usize,
     },
+    /// Drive queue-svc and check delivery (see the `queue` module docs).
+    QueueLoad(queue::Args),
 }
 
 #[derive(Debug, Clone)]
@@ -71,15 +77,24 @@ fn opts() -> Options {
     }
 }
 
+/// Prints `name=t1,t2,…`: how the orchestrator reads timestamps back.
+fn print_times(name: &str, times: &[u64]) {
+    let list: Vec<String> = times.iter().map(u64::to_string).collect();
+    println!("{name}={}", list.join(","));
+}
+
 #[tokio::main]
 async fn main() {
-    let Cmd::Load {
-        endpoints,
-        seconds,
-        workers,
-        markers,
-    } = Cli::parse().cmd;
-    match load(endpoints, seconds, workers, markers).await {
+    let res = match Cli::parse().cmd {
+        Cmd::Load {
+            endpoints,
+            seconds,
+            workers,
+            markers,
+        } => load(endpoints, seconds, workers, markers).await,
+        Cmd::QueueLoad(args) => queue::load(args).await,
+    };
+    match res {
         Ok(true) => println!("result=pass"),
         Ok(false) => {
             println!("result=fail");
@@ -239,14 +254,7 @@ async fn load(
     walls.sort_unstable();
     let max_gap = walls.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     println!("max_gap_ms={max_gap}");
-    println!(
-        "grant_times_ms={}",
-        walls
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    print_times("grant_times_ms", &walls);
 
     // Nothing acknowledged was lost: every marker is still held by its session.
     let mut held = 0;
