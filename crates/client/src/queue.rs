@@ -432,21 +432,32 @@ impl QueueClient {
             };
             let slot = Mutex::new(Some(addr));
             async move {
-                self.conn
+                let resp = self
+                    .conn
                     .call_via(&slot, |ch| {
                         let req = req.clone();
                         async move { client(ch).receive(req).await.map(|r| r.into_inner()) }
                     })
-                    .await
+                    .await?;
+                // The replica that answered leads the partitions it served.
+                let answered = slot.lock().clone();
+                Ok::<_, Status>((answered, resp))
             }
         });
         let mut out = Vec::new();
         let mut first_err = None;
         for r in futures::future::join_all(calls).await {
             match r {
-                Ok(resp) => {
+                Ok((answered, resp)) => {
                     if let Some(a) = &resp.assignment {
                         self.learn_assignment(&route, a);
+                        if let Some(addr) = answered {
+                            for p in &a.serving {
+                                if let Some(slot) = route.leaders.get(*p as usize) {
+                                    *slot.lock() = Some(addr.clone());
+                                }
+                            }
+                        }
                     }
                     out.extend(resp.messages);
                 }

@@ -1073,6 +1073,22 @@ impl QueueService for Queues {
             .keys()
             .map(|&p| self.leading(&t, p))
             .collect::<Result<Vec<_>, _>>()?;
+        // Every group the metadata lists must exist in a partition before
+        // a message is appended there: otherwise another group could ack
+        // (and so remove) it before a new group learned of the partition.
+        for part in &parts {
+            let missing: Vec<String> = {
+                let d = part.shared.data.read();
+                t.groups
+                    .keys()
+                    .filter(|g| !d.state.groups().any(|(have, _)| have == g.as_str()))
+                    .cloned()
+                    .collect()
+            };
+            for g in missing {
+                self.ensure_group(&t, part, &g).await?;
+            }
+        }
         let total: usize = routed.values().map(Vec::len).sum();
         let mut results = vec![pb::Produced::default(); total];
         // Partitions are independent groups: propose to all at once.
