@@ -52,6 +52,32 @@ pub struct QueueClient {
     conn: Conn,
     routes: Arc<Mutex<HashMap<String, Arc<Route>>>>,
     counter: Arc<AtomicU64>,
+    /// Received messages not yet handed out, by (topic, group).
+    inboxes: Arc<Mutex<Inboxes>>,
+}
+
+type Inboxes = HashMap<(String, String), Arc<Inbox>>;
+
+/// Messages a group's long polls brought in, and the polls under way.
+///
+/// `receive` long-polls every partition leader at once but returns as
+/// soon as any of them answers with messages; the polls still running are
+/// not cancelled (a cancelled Receive could lose the leases it took until
+/// they time out, and count an attempt): they finish in the background
+/// and leave their messages here for the next `receive`.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    msgs: std::collections::VecDeque<pb::ReceivedMessage>,
+    /// Leader addresses with a poll under way.
+    polling: std::collections::HashSet<String>,
+    /// The last poll's failure, reported when nothing came.
+    error: Option<Status>,
 }
 
 impl QueueClient {
@@ -60,6 +86,7 @@ impl QueueClient {
             conn,
             routes: Arc::default(),
             counter: Arc::default(),
+            inboxes: Arc::default(),
         }
     }
 
@@ -402,8 +429,10 @@ impl QueueClient {
     }
 
     /// Receives up to `max` messages for `group`, long-polling up to
-    /// `wait_ms` on every replica that leads some partition, at once. With
-    /// more leaders than `max`, up to one message per leader may come.
+    /// `wait_ms` every replica that leads some partition at once, and
+    /// returns as soon as any has messages (see [`Inbox`]: messages of
+    /// polls that finish later are kept for the next call, their leases
+    /// running). Returns an empty list when `wait_ms` passed with nothing.
     pub async fn receive(
         &self,
         topic: &str,
@@ -412,6 +441,24 @@ impl QueueClient {
         max: u32,
         wait_ms: u32,
     ) -> Result<Vec<pb::ReceivedMessage>, Status> {
+        let max = max.max(1) as usize;
+        let inbox = self
+            .inboxes
+            .lock()
+            .entry((topic.to_owned(), group.to_owned()))
+            .or_default()
+            .clone();
+        let take = |st: &mut InboxState| -> Vec<pb::ReceivedMessage> {
+            let n = st.msgs.len().min(max);
+            st.msgs.drain(..n).collect()
+        };
+        {
+            let mut st = inbox.state.lock();
+            if !st.msgs.is_empty() {
+                return Ok(take(&mut st));
+            }
+            st.error = None;
+        }
         let route = self.route(topic).await?;
         // Partitions by their believed leader; unknown ones go anywhere.
         let mut by_leader: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -419,8 +466,11 @@ impl QueueClient {
             let addr = slot.lock().clone().unwrap_or_else(|| self.conn.current());
             by_leader.entry(addr).or_default().push(p as u32);
         }
-        let share = (max / by_leader.len() as u32).max(1);
-        let calls = by_leader.into_iter().map(|(addr, partitions)| {
+        let share = (max as u32 / by_leader.len() as u32).max(1);
+        for (addr, partitions) in by_leader {
+            if !inbox.state.lock().polling.insert(addr.clone()) {
+                continue; // one poll per leader at a time
+            }
             let req = pb::ReceiveRequest {
                 topic: topic.to_owned(),
                 group: group.to_owned(),
@@ -430,45 +480,63 @@ impl QueueClient {
                 partitions,
                 ..Default::default()
             };
-            let slot = Mutex::new(Some(addr));
-            async move {
-                let resp = self
+            let (this, inbox, route) = (self.clone(), inbox.clone(), route.clone());
+            tokio::spawn(async move {
+                let slot = Mutex::new(Some(addr.clone()));
+                let res = this
                     .conn
                     .call_via(&slot, |ch| {
                         let req = req.clone();
                         async move { client(ch).receive(req).await.map(|r| r.into_inner()) }
                     })
-                    .await?;
-                // The replica that answered leads the partitions it served.
+                    .await;
                 let answered = slot.lock().clone();
-                Ok::<_, Status>((answered, resp))
-            }
-        });
-        let mut out = Vec::new();
-        let mut first_err = None;
-        for r in futures::future::join_all(calls).await {
-            match r {
-                Ok((answered, resp)) => {
-                    if let Some(a) = &resp.assignment {
-                        self.learn_assignment(&route, a);
-                        if let Some(addr) = answered {
-                            for p in &a.serving {
-                                if let Some(slot) = route.leaders.get(*p as usize) {
-                                    *slot.lock() = Some(addr.clone());
+                {
+                    let mut st = inbox.state.lock();
+                    st.polling.remove(&addr);
+                    match res {
+                        Ok(resp) => {
+                            if let Some(a) = &resp.assignment {
+                                this.learn_assignment(&route, a);
+                                // The replica that answered leads what it served.
+                                if let Some(addr) = answered {
+                                    for p in &a.serving {
+                                        if let Some(slot) = route.leaders.get(*p as usize) {
+                                            *slot.lock() = Some(addr.clone());
+                                        }
+                                    }
                                 }
                             }
+                            st.msgs.extend(resp.messages);
                         }
+                        Err(e) => st.error = Some(e),
                     }
-                    out.extend(resp.messages);
                 }
-                Err(e) => {
-                    first_err.get_or_insert(e);
+                inbox.changed.notify_waiters();
+            });
+        }
+        // Wait for messages, or for every poll to end, or the wait to pass
+        // (plus a margin for the polls' own round trips).
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(u64::from(wait_ms))
+            + self.conn.options().request_timeout;
+        loop {
+            let changed = inbox.changed.notified();
+            {
+                let mut st = inbox.state.lock();
+                if !st.msgs.is_empty() {
+                    return Ok(take(&mut st));
+                }
+                if st.polling.is_empty() {
+                    return match st.error.take() {
+                        Some(e) => Err(e),
+                        None => Ok(Vec::new()),
+                    };
                 }
             }
-        }
-        match first_err {
-            Some(e) if out.is_empty() => Err(e),
-            _ => Ok(out),
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Ok(Vec::new());
+            }
         }
     }
 
