@@ -277,28 +277,18 @@ impl QueueClient {
     /// Removes every stored message of the topic, each partition on its
     /// leader. Returns (messages, bytes) purged.
     pub async fn purge_topic(&self, name: &str) -> Result<(u64, u64), Status> {
-        let route = self.route(name).await?;
-        let calls = route.leaders.iter().enumerate().map(|(p, slot)| {
-            let req = pb::PurgeTopicRequest {
-                name: name.to_owned(),
-                partitions: vec![p as u32],
-            };
-            async move {
-                self.conn
-                    .call_via(slot, |ch| {
-                        let req = req.clone();
-                        async move { client(ch).purge_topic(req).await.map(|r| r.into_inner()) }
-                    })
-                    .await
-            }
-        });
-        let mut total = (0, 0);
-        for r in futures::future::join_all(calls).await {
-            let r = r?;
-            total.0 += r.purged_messages;
-            total.1 += r.purged_bytes;
-        }
-        Ok(total)
+        let answers = self
+            .on_every_partition(name, |p, ch| {
+                let req = pb::PurgeTopicRequest {
+                    name: name.to_owned(),
+                    partitions: vec![p],
+                };
+                async move { client(ch).purge_topic(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(answers.iter().fold((0, 0), |(n, b), r| {
+            (n + r.purged_messages, b + r.purged_bytes)
+        }))
     }
 
     /// Moves a group to `to` (replay or skip) in every partition, each on
@@ -309,29 +299,40 @@ impl QueueClient {
         group: &str,
         to: pb::StartPosition,
     ) -> Result<Vec<pb::PartitionPosition>, Status> {
-        let route = self.route(topic).await?;
-        let calls = route.leaders.iter().enumerate().map(|(p, slot)| {
-            let req = pb::ResetGroupRequest {
-                topic: topic.to_owned(),
-                group: group.to_owned(),
-                to: Some(to.clone()),
-                partitions: vec![p as u32],
-            };
-            async move {
-                self.conn
-                    .call_via(slot, |ch| {
-                        let req = req.clone();
-                        async move { client(ch).reset_group(req).await.map(|r| r.into_inner()) }
-                    })
-                    .await
-            }
-        });
-        let mut out = Vec::new();
-        for r in futures::future::join_all(calls).await {
-            out.extend(r?.positions);
-        }
+        let answers = self
+            .on_every_partition(topic, |p, ch| {
+                let req = pb::ResetGroupRequest {
+                    topic: topic.to_owned(),
+                    group: group.to_owned(),
+                    to: Some(to.clone()),
+                    partitions: vec![p],
+                };
+                async move { client(ch).reset_group(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let mut out: Vec<pb::PartitionPosition> =
+            answers.into_iter().flat_map(|r| r.positions).collect();
         out.sort_by_key(|p| p.partition);
         Ok(out)
+    }
+
+    /// Runs `call(partition, channel)` for every partition of `topic` on
+    /// that partition's leader, all at once; the answers in partition order.
+    async fn on_every_partition<T, F, Fut>(&self, topic: &str, call: F) -> Result<Vec<T>, Status>
+    where
+        F: Fn(u32, Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let route = self.route(topic).await?;
+        let call = &call;
+        let calls = route
+            .leaders
+            .iter()
+            .enumerate()
+            .map(
+                |(p, slot)| async move { self.conn.call_via(slot, |ch| call(p as u32, ch)).await },
+            );
+        futures::future::join_all(calls).await.into_iter().collect()
     }
 
     fn learn(&self, info: &pb::TopicInfo) {

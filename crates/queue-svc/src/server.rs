@@ -272,6 +272,11 @@ async fn reconcile(q: &Queues, dir: &std::path::Path) -> Result<(), String> {
         let Some(t) = topics.get(&part.topic) else {
             continue;
         };
+        for name in t.groups.keys() {
+            if let Err(e) = q.ensure_group(t, &part, name).await {
+                tracing::debug!(group = part.group.id(), error = %e, "creating a consumer group");
+            }
+        }
         let have: Vec<String> = part
             .shared
             .data
@@ -280,22 +285,9 @@ async fn reconcile(q: &Queues, dir: &std::path::Path) -> Result<(), String> {
             .groups()
             .map(|(g, _)| g.to_owned())
             .collect();
-        for (name, g) in &t.groups {
-            if !have.contains(name) {
-                propose(
-                    &part,
-                    Command::CreateGroup {
-                        now_ms: now_ms(),
-                        group: name.clone(),
-                        config: g.config.clone(),
-                        start: g.start,
-                    },
-                )
-                .await;
-            }
-        }
         for name in have.iter().filter(|g| !t.groups.contains_key(*g)) {
             propose(
+                q,
                 &part,
                 Command::DeleteGroup {
                     now_ms: now_ms(),
@@ -318,16 +310,11 @@ async fn reconcile(q: &Queues, dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn propose(part: &Partition, cmd: Command) -> Option<Outcome> {
-    match part
-        .group
-        .propose(encode(&Proposal {
-            cmd,
-            payloads: Vec::new(),
-        }))
-        .await
-    {
-        Ok(out) => crate::machine::decode(&out).ok(),
+/// A proposal of the background loops: its failure is logged (they try
+/// again on their next round).
+async fn propose(q: &Queues, part: &Partition, cmd: Command) -> Option<Outcome> {
+    match q.propose(part, cmd, Vec::new()).await {
+        Ok(out) => Some(out),
         Err(e) => {
             tracing::debug!(group = part.group.id(), error = %e, "background proposal");
             None
@@ -353,7 +340,7 @@ async fn tick_loop(q: Queues, interval: Duration, mut closed: watch::Receiver<bo
                 (due, d.state.pending_dead_letters())
             };
             if due {
-                propose(&part, Command::Tick { now_ms: now_ms() }).await;
+                propose(&q, &part, Command::Tick { now_ms: now_ms() }).await;
             }
             if !dead.is_empty() {
                 move_dead_letters(&q, &part, dead).await;
@@ -473,6 +460,7 @@ async fn move_dead_letters(q: &Queues, part: &Partition, dead: Vec<crate::partit
     for (group, offsets) in done {
         let n = offsets.len() as u64;
         let finalized = propose(
+            q,
             part,
             Command::DeadLettered {
                 now_ms: now_ms(),

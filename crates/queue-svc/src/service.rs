@@ -26,8 +26,8 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::machine::{decode, encode, Proposal, Shared};
 use crate::meta::{
-    Durability, MetaCommand, MetaError, MetaOutcome, MetaState, Topic, TopicSpec, MAX_PARTITIONS,
-    META_GROUP,
+    Durability, GroupSpec, MetaCommand, MetaError, MetaOutcome, MetaState, Topic, TopicSpec,
+    MAX_PARTITIONS, META_GROUP,
 };
 use crate::partition::{
     Command, GroupConfig, GroupMode, NewMessage, Outcome, QueueError, Receipt, StartAt,
@@ -441,7 +441,7 @@ impl Queues {
         }
     }
 
-    async fn propose(
+    pub(crate) async fn propose(
         &self,
         part: &Partition,
         cmd: Command,
@@ -461,20 +461,13 @@ impl Queues {
 
     /// Makes sure the partition knows `group` (the reconciler does this
     /// too; a Receive right after CreateGroup may come first).
-    async fn ensure_group(
+    pub(crate) async fn ensure_group(
         &self,
         topic: &Topic,
         part: &Partition,
         group: &str,
     ) -> Result<(), Status> {
-        let spec = topic.groups.get(group).ok_or_else(|| {
-            error(
-                Code::NotFound,
-                format!("group {group} does not exist on topic {}", topic.name),
-                "GROUP_NOT_FOUND",
-                [("topic", topic.name.as_str()), ("group", group)],
-            )
-        })?;
+        let spec = group_spec(topic, group)?;
         if part
             .shared
             .data
@@ -1150,23 +1143,9 @@ impl QueueService for Queues {
             return Err(bad("wait_ms", format!("at most {MAX_WAIT_MS}")));
         }
         let t = self.topic(&r.topic)?;
-        if !t.groups.contains_key(&r.group) {
-            return Err(error(
-                Code::NotFound,
-                format!("group {} does not exist on topic {}", r.group, t.name),
-                "GROUP_NOT_FOUND",
-                [("topic", t.name.as_str()), ("group", r.group.as_str())],
-            ));
-        }
-        let wanted = |p: u32| r.partitions.is_empty() || r.partitions.contains(&p);
-        for &p in &r.partitions {
-            if p as usize >= t.partitions.len() {
-                return Err(bad(
-                    "partitions",
-                    format!("topic {} has {} partitions", t.name, t.partitions.len()),
-                ));
-            }
-        }
+        group_spec(&t, &r.group)?;
+        let wanted = Self::asked(&t, &r.partitions)?;
+        let wanted = |p: u32| wanted.contains(&p);
         let mut led: Vec<Partition> = self
             .led(&t)
             .into_iter()
@@ -1352,14 +1331,7 @@ impl QueueService for Queues {
             return Err(bad("consumer", format!("at most {MAX_NAME} characters")));
         }
         let t = self.topic(&first.topic)?;
-        if !t.groups.contains_key(&first.group) {
-            return Err(error(
-                Code::NotFound,
-                format!("group {} does not exist on topic {}", first.group, t.name),
-                "GROUP_NOT_FOUND",
-                [("topic", t.name.as_str()), ("group", first.group.as_str())],
-            ));
-        }
+        group_spec(&t, &first.group)?;
         const MAX_CREDITS: u64 = 10_000;
         let credits = Arc::new(AtomicU64::new(0));
         let granted = Arc::new(tokio::sync::Notify::new());
@@ -1529,5 +1501,19 @@ fn group_visibility(q: &Queues, topic: &str, group: &str) -> u64 {
         .topics
         .get(topic)
         .and_then(|t| t.groups.get(group))
-        .map_or(30_000, |g| g.config.visibility_timeout_ms)
+        .map_or(GroupConfig::default().visibility_timeout_ms, |g| {
+            g.config.visibility_timeout_ms
+        })
+}
+
+/// A group of `topic` as the metadata has it, or GROUP_NOT_FOUND.
+fn group_spec<'a>(topic: &'a Topic, group: &str) -> Result<&'a GroupSpec, Status> {
+    topic.groups.get(group).ok_or_else(|| {
+        error(
+            Code::NotFound,
+            format!("group {group} does not exist on topic {}", topic.name),
+            "GROUP_NOT_FOUND",
+            [("topic", topic.name.as_str()), ("group", group)],
+        )
+    })
 }
