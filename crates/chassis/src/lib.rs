@@ -26,3 +26,10 @@ pub use config::{CommonFlags, ReplicaConfig};
 pub use delivery::{attach, Delivery};
 pub use layer::{GrpcLayer, MAX_REQUEST_BYTES};
 pub use replica::Replica;
+
+/// Dials a peer replica (host:port or `http://…`): the one way a service
+/// opens a channel to another replica of itself, so transport security can
+/// be added here once.
+pub async fn dial(addr: &str) -> Result<tonic::transport::Channel, String> {
+    consensus::transport::connect(addr).await
+}

@@ -5,6 +5,7 @@
 //! and retries with backoff across elections and dead replicas. Service
 //! clients ([`lock::LockClient`]) are built on it.
 
+pub mod cache;
 pub mod lock;
 pub mod queue;
 pub mod routing;
@@ -18,6 +19,7 @@ use parking_lot::Mutex;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+pub use cache::CacheClient;
 pub use lock::{LockClient, LockGuard, Session};
 pub use proto::lock::v1::LockMode;
 pub use queue::QueueClient;

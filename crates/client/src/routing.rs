@@ -1,5 +1,6 @@
-//! Consistent hashing shared by queue-svc servers and clients: which
-//! partition a message goes to, and which replicas hold a partition.
+//! Consistent hashing shared by servers and clients: which partition a
+//! message goes to, which replicas hold a partition (queue-svc), and which
+//! node is a key's home (cache-svc).
 //!
 //! Both use a [`hashring::HashRing`] (SipHash-2-4 with zero keys, so the
 //! same on every build and platform) with [`VNODES`] virtual nodes per
@@ -51,6 +52,25 @@ impl PartitionRing {
     /// entry).
     pub fn partition(&self, key: &[u8]) -> u32 {
         self.ring.get(&key).map_or(0, |v| v.member as u32)
+    }
+}
+
+/// Maps keys to their home among the members of a cache (cache-svc's
+/// directory placement; clients may use it to see where a key lives).
+pub struct MemberRing {
+    ring: HashRing<VNode>,
+}
+
+impl MemberRing {
+    pub fn new(members: impl IntoIterator<Item = u64>) -> Self {
+        Self {
+            ring: ring(members),
+        }
+    }
+
+    /// The home of `key`, or None on an empty ring.
+    pub fn home(&self, key: &[u8]) -> Option<u64> {
+        self.ring.get(&key).map(|v| v.member)
     }
 }
 

@@ -227,7 +227,7 @@ async fn stream_snapshot(
 /// resolving names with a bound: the system resolver can take many
 /// seconds to give up on the name of a peer that is down, and callers must
 /// come back to a restarted peer promptly.
-async fn connect(addr: &str) -> Result<tonic::transport::Channel, String> {
+pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, String> {
     let hostport = addr.trim_start_matches("http://").to_owned();
     let sa = match hostport.parse::<std::net::SocketAddr>() {
         Ok(sa) => sa,

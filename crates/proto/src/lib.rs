@@ -11,6 +11,16 @@ pub mod admin {
     }
 }
 
+pub mod cache {
+    pub mod v1 {
+        tonic::include_proto!("dsync.cache.v1");
+        /// The node-to-node coherence protocol of cache-svc.
+        pub mod internal {
+            tonic::include_proto!("dsync.cache.v1.internal");
+        }
+    }
+}
+
 pub mod common {
     pub mod v1 {
         tonic::include_proto!("dsync.common.v1");

@@ -1,0 +1,291 @@
+//! The home's directory entry of one key: who holds the key's line, in
+//! which MESI state, under which grant — and the protocol's transitions,
+//! pure so every one of them is unit-tested. The I/O around them (recalls,
+//! store reads and writes) is in `node.rs`, which calls these under the
+//! key's lock, so transitions of one key never interleave.
+//!
+//! Invariants of an entry:
+//! - at most one holder is Exclusive or Modified, and then it is the only
+//!   holder;
+//! - a node absent from `holders` holds no line of the key (a node may be
+//!   listed without a line: it dropped it and its release is in flight; a
+//!   recall then finds nothing, which is harmless);
+//! - `known`, when set, is the key's current version and presence — all
+//!   writes pass through the home, so it stays exact while the entry lives.
+
+use std::collections::BTreeMap;
+
+use proto::cache::v1::internal::LineState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Shared,
+    Exclusive,
+    Modified,
+}
+
+impl State {
+    pub fn to_proto(self) -> LineState {
+        match self {
+            State::Shared => LineState::Shared,
+            State::Exclusive => LineState::Exclusive,
+            State::Modified => LineState::Modified,
+        }
+    }
+
+    pub fn from_proto(s: LineState) -> Option<Self> {
+        match s {
+            LineState::Invalid => None,
+            LineState::Shared => Some(State::Shared),
+            LineState::Exclusive => Some(State::Exclusive),
+            LineState::Modified => Some(State::Modified),
+        }
+    }
+}
+
+/// One node's copy as the directory records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    pub state: State,
+    /// The grant that gave it; a release naming another grant is stale.
+    pub grant: u64,
+    /// The holder's incarnation then; a restarted holder holds nothing.
+    pub incarnation: u64,
+}
+
+/// What the home knows of the key's current value without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    pub found: bool,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirEntry {
+    pub holders: BTreeMap<u64, Holder>,
+    pub known: Option<Known>,
+}
+
+/// What a release of a line does to the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// Names an older grant (the node holds a newer line) or a node not
+    /// listed: nothing changes, and a dirty value it carries is not written
+    /// (the home already wrote it when it recalled the line, or a later
+    /// write superseded it).
+    Stale,
+    /// The holder is removed.
+    Dropped,
+    /// The holder was Modified: removed, and its value must be written back.
+    WriteBack,
+}
+
+impl DirEntry {
+    /// The holder that must write back before the key is read or changed.
+    pub fn modified(&self) -> Option<u64> {
+        self.holders
+            .iter()
+            .find(|(_, h)| h.state == State::Modified)
+            .map(|(n, _)| *n)
+    }
+
+    /// A clean Exclusive holder other than `requester`: it is downgraded to
+    /// Shared so another node can share the line.
+    pub fn exclusive_other_than(&self, requester: u64) -> Option<u64> {
+        self.holders
+            .iter()
+            .find(|(n, h)| **n != requester && h.state == State::Exclusive)
+            .map(|(n, _)| *n)
+    }
+
+    /// The state a fill grants `requester`: Exclusive when nobody else
+    /// holds a copy, else Shared.
+    pub fn fill_state(&self, requester: u64) -> State {
+        if self.holders.keys().any(|n| *n != requester) {
+            State::Shared
+        } else {
+            State::Exclusive
+        }
+    }
+
+    /// Records a grant to `node` (replacing its previous one).
+    pub fn grant(&mut self, node: u64, holder: Holder) {
+        debug_assert!(
+            holder.state == State::Shared
+                || self.holders.keys().all(|n| *n == node),
+            "an exclusive grant while others hold copies"
+        );
+        self.holders.insert(node, holder);
+    }
+
+    /// `node` was recalled to Shared (it answered) — or, if it had no
+    /// line any more, removed.
+    pub fn downgraded(&mut self, node: u64, had: bool) {
+        if !had {
+            self.holders.remove(&node);
+        } else if let Some(h) = self.holders.get_mut(&node) {
+            h.state = State::Shared;
+        }
+    }
+
+    /// `node` was recalled to Invalid.
+    pub fn invalidated(&mut self, node: u64) {
+        self.holders.remove(&node);
+    }
+
+    /// Every copy was invalidated and `writer` holds the written line
+    /// (`holder`, if it keeps one); the key is now `known`.
+    pub fn written(&mut self, writer: u64, holder: Option<Holder>, known: Option<Known>) {
+        self.holders.clear();
+        if let Some(h) = holder {
+            self.holders.insert(writer, h);
+        }
+        self.known = known;
+    }
+
+    /// `node` dropped the line it got with `grant` (eviction, expiry).
+    pub fn release(&mut self, node: u64, grant: u64, dirty: bool) -> Released {
+        match self.holders.get(&node) {
+            Some(h) if h.grant == grant => {
+                let was = h.state;
+                self.holders.remove(&node);
+                if dirty && was == State::Modified {
+                    Released::WriteBack
+                } else {
+                    Released::Dropped
+                }
+            }
+            _ => Released::Stale,
+        }
+    }
+
+    /// Removes holders that left the membership or restarted since their
+    /// grant (`members`: node → incarnation).
+    pub fn drop_departed(&mut self, members: &BTreeMap<u64, u64>) {
+        self.holders
+            .retain(|n, h| members.get(n) == Some(&h.incarnation));
+    }
+
+    /// Holders other than `except` (who must be invalidated on a write).
+    pub fn others(&self, except: Option<u64>) -> Vec<u64> {
+        self.holders
+            .keys()
+            .copied()
+            .filter(|n| Some(*n) != except)
+            .collect()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.holders.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(state: State, grant: u64) -> Holder {
+        Holder {
+            state,
+            grant,
+            incarnation: 1,
+        }
+    }
+
+    #[test]
+    fn first_fill_is_exclusive_then_shared() {
+        let mut d = DirEntry::default();
+        // I → E: nobody else holds it.
+        assert_eq!(d.fill_state(1), State::Exclusive);
+        d.grant(1, h(State::Exclusive, 1));
+        // The same node asking again (it lost its line) stays exclusive.
+        assert_eq!(d.fill_state(1), State::Exclusive);
+        // A second reader: the E holder is downgraded (E → S), reader gets S.
+        assert_eq!(d.exclusive_other_than(2), Some(1));
+        d.downgraded(1, true);
+        assert_eq!(d.fill_state(2), State::Shared);
+        d.grant(2, h(State::Shared, 2));
+        assert_eq!(d.holders[&1].state, State::Shared);
+        assert_eq!(d.holders[&2].state, State::Shared);
+        assert_eq!(d.exclusive_other_than(3), None);
+    }
+
+    #[test]
+    fn downgrade_of_a_holder_without_a_line_removes_it() {
+        let mut d = DirEntry::default();
+        d.grant(1, h(State::Exclusive, 1));
+        d.downgraded(1, false);
+        assert!(d.is_idle());
+        assert_eq!(d.fill_state(2), State::Exclusive);
+    }
+
+    #[test]
+    fn modified_holder_is_found_and_downgraded_on_fill() {
+        let mut d = DirEntry::default();
+        d.written(1, Some(h(State::Modified, 7)), Some(Known { found: true, version: 3 }));
+        assert_eq!(d.modified(), Some(1));
+        // M → S after write-back; the reader gets S.
+        d.downgraded(1, true);
+        assert_eq!(d.modified(), None);
+        assert_eq!(d.fill_state(2), State::Shared);
+    }
+
+    #[test]
+    fn write_invalidates_every_other_copy() {
+        let mut d = DirEntry::default();
+        d.grant(1, h(State::Shared, 1));
+        d.grant(2, h(State::Shared, 2));
+        d.grant(3, h(State::Shared, 3));
+        assert_eq!(d.others(None), vec![1, 2, 3]);
+        assert_eq!(d.others(Some(2)), vec![1, 3]);
+        // S → I everywhere, writer gets E (write-through) …
+        d.written(2, Some(h(State::Exclusive, 4)), Some(Known { found: true, version: 9 }));
+        assert_eq!(d.holders.len(), 1);
+        assert_eq!(d.holders[&2].state, State::Exclusive);
+        assert_eq!(d.known, Some(Known { found: true, version: 9 }));
+        // … or nothing (a delete, an invalidate).
+        d.written(2, None, Some(Known { found: false, version: 0 }));
+        assert!(d.is_idle());
+    }
+
+    #[test]
+    fn releases_name_their_grant() {
+        let mut d = DirEntry::default();
+        d.grant(1, h(State::Exclusive, 5));
+        // A release of an older line (the node refilled since) is stale.
+        assert_eq!(d.release(1, 4, false), Released::Stale);
+        assert_eq!(d.holders.len(), 1);
+        // A node not listed.
+        assert_eq!(d.release(2, 5, false), Released::Stale);
+        assert_eq!(d.release(1, 5, false), Released::Dropped);
+        assert!(d.is_idle());
+    }
+
+    #[test]
+    fn dirty_release_writes_back_only_while_modified() {
+        let mut d = DirEntry::default();
+        d.written(1, Some(h(State::Modified, 5)), None);
+        assert_eq!(d.release(1, 5, true), Released::WriteBack);
+        // Recalled to S first (the home wrote the value back then): the
+        // late dirty release must not write an old value again.
+        d.written(1, Some(h(State::Modified, 6)), None);
+        d.downgraded(1, true);
+        assert_eq!(d.release(1, 6, true), Released::Dropped);
+        // Invalidated by a later write: stale.
+        d.written(1, Some(h(State::Modified, 7)), None);
+        d.invalidated(1);
+        assert_eq!(d.release(1, 7, true), Released::Stale);
+    }
+
+    #[test]
+    fn departed_and_restarted_holders_are_dropped() {
+        let mut d = DirEntry::default();
+        d.grant(1, h(State::Shared, 1));
+        d.grant(2, h(State::Shared, 2));
+        d.grant(3, h(State::Shared, 3));
+        // 2 left, 3 restarted (incarnation 8), 1 unchanged.
+        let members = BTreeMap::from([(1, 1), (3, 8)]);
+        d.drop_departed(&members);
+        assert_eq!(d.others(None), vec![1]);
+    }
+}

@@ -1,0 +1,214 @@
+//! Near-cache clients watching one node: the L1 side of coherence.
+//!
+//! Like Redis client-side caching in default (tracking) mode, a node
+//! remembers which keys each client read with tracking; when its own line
+//! of a key is invalidated it tells those clients and forgets the
+//! registrations. Unlike Redis, the node *waits* for each client's ack
+//! before it acks the home, so the write is not acknowledged while a near
+//! cache may still serve the old value. A client that does not ack within
+//! the invalidation timeout is forgotten (its stream closed) and the node
+//! waits out its near-cache lease — which it bounded in its pongs — before
+//! going on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use proto::cache::v1::{watch_event::Event, Invalidation, Pong, WatchEvent};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+pub type EventSender = mpsc::Sender<Result<WatchEvent, Status>>;
+
+struct Client {
+    tx: EventSender,
+    tracked: HashSet<Bytes>,
+    acks: HashMap<u64, oneshot::Sender<()>>,
+    next_seq: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    clients: HashMap<u64, Client>,
+    by_key: HashMap<Bytes, HashSet<u64>>,
+}
+
+pub struct Watchers {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+    timeout: Duration,
+    /// The longest near-cache lease a pong grants.
+    lease: Duration,
+    max_tracked: usize,
+    pub sent: AtomicU64,
+}
+
+impl Watchers {
+    pub fn new(timeout: Duration, lease: Duration, max_tracked: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            // Ids are unique across restarts of the node, so a client never
+            // mistakes a new stream's id for its old one.
+            next_id: AtomicU64::new(crate::store::now_ms() << 16),
+            timeout,
+            lease,
+            max_tracked,
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    /// A new watching client: its id and the channel its events go to.
+    pub fn register(&self, tx: EventSender) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.inner.lock().clients.insert(
+            id,
+            Client {
+                tx,
+                tracked: HashSet::new(),
+                acks: HashMap::new(),
+                next_seq: 1,
+            },
+        );
+        id
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Registers `key` for client `id`; false if the client is gone or
+    /// tracks too many keys (then it must not cache the answer).
+    pub fn track(&self, id: u64, key: &Bytes) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(c) = inner.clients.get_mut(&id) else {
+            return false;
+        };
+        if c.tracked.len() >= self.max_tracked && !c.tracked.contains(key) {
+            return false;
+        }
+        c.tracked.insert(key.clone());
+        inner.by_key.entry(key.clone()).or_default().insert(id);
+        true
+    }
+
+    /// Whether anyone tracks `key` (cheap pre-check).
+    pub fn tracks(&self, key: &[u8]) -> bool {
+        self.inner.lock().by_key.contains_key(key)
+    }
+
+    /// Tells every client tracking `key` to drop it and waits for their
+    /// acks; clients that do not ack in time are forgotten and their lease
+    /// waited out. Answers how many clients were told.
+    pub async fn invalidate(&self, key: &Bytes) -> usize {
+        let waits: Vec<(u64, oneshot::Receiver<()>)> = {
+            let mut inner = self.inner.lock();
+            let Some(ids) = inner.by_key.remove(key) else {
+                return 0;
+            };
+            let mut waits = Vec::with_capacity(ids.len());
+            for id in ids {
+                let Some(c) = inner.clients.get_mut(&id) else {
+                    continue;
+                };
+                c.tracked.remove(key);
+                let seq = c.next_seq;
+                c.next_seq += 1;
+                let (tx, rx) = oneshot::channel();
+                c.acks.insert(seq, tx);
+                let ev = WatchEvent {
+                    event: Some(Event::Invalidate(Invalidation {
+                        seq,
+                        keys: vec![key.to_vec()],
+                    })),
+                };
+                // A full queue counts as a missed ack: the client is slow.
+                if c.tx.try_send(Ok(ev)).is_err() {
+                    // Dropping the ack sender fails the wait at once.
+                    c.acks.remove(&seq);
+                }
+                waits.push((id, rx));
+            }
+            waits
+        };
+        let told = waits.len();
+        self.sent.fetch_add(told as u64, Ordering::Relaxed);
+        let results = futures::future::join_all(
+            waits
+                .into_iter()
+                .map(|(id, rx)| async move { (id, tokio::time::timeout(self.timeout, rx).await) }),
+        )
+        .await;
+        let mut dropped = false;
+        for (id, r) in results {
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::warn!(client = id, "near-cache client missed an invalidation; dropping it");
+                self.remove(id);
+                dropped = true;
+            }
+        }
+        if dropped {
+            // Its pongs promised at most `lease` from the last ping it sent.
+            tokio::time::sleep(self.lease).await;
+        }
+        told
+    }
+
+    pub fn on_ack(&self, id: u64, seq: u64) {
+        if let Some(c) = self.inner.lock().clients.get_mut(&id) {
+            if let Some(tx) = c.acks.remove(&seq) {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Answers a ping with the near-cache lease left (`remaining`, the
+    /// node's own member lease); no answer when there is none.
+    pub fn on_ping(&self, id: u64, seq: u64, remaining: Option<Duration>) {
+        let Some(remaining) = remaining else {
+            return;
+        };
+        let lease_ms = remaining.min(self.lease).as_millis() as u64;
+        if let Some(c) = self.inner.lock().clients.get(&id) {
+            let _ = c.tx.try_send(Ok(WatchEvent {
+                event: Some(Event::Pong(Pong { seq, lease_ms })),
+            }));
+        }
+    }
+
+    /// Forgets client `id` (its stream ended or it missed an ack); closing
+    /// its channel ends its stream.
+    pub fn remove(&self, id: u64) {
+        let mut inner = self.inner.lock();
+        if let Some(c) = inner.clients.remove(&id) {
+            for k in c.tracked {
+                if let Some(set) = inner.by_key.get_mut(&k) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        inner.by_key.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends every stream (the node's membership changed): clients drop
+    /// their near caches and watch again.
+    pub fn close_all(&self) {
+        let mut inner = self.inner.lock();
+        for (_, c) in inner.clients.drain() {
+            let _ = c
+                .tx
+                .try_send(Err(Status::unavailable("cache membership changed; watch again")));
+        }
+        inner.by_key.clear();
+    }
+}
+
+pub type SharedWatchers = Arc<Watchers>;
