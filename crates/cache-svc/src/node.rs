@@ -715,6 +715,7 @@ impl CacheNode {
             found: entry.found,
             version: entry.version,
         });
+        tracing::trace!(node = self.me, key = ?key, from, ?state, grant, holders = ?d.holders.keys().collect::<Vec<_>>(), "granted");
         self.dir.lock().insert(key.clone(), d);
         Ok(LineGrant {
             entry: Some(entry.to_proto()),
@@ -763,6 +764,7 @@ impl CacheNode {
             }
         }
         let targets = self.dir_entry(&key).others(None);
+        tracing::trace!(node = self.me, key = ?key, from, ?op, ?targets, "write");
         let recalls = futures::future::join_all(
             targets
                 .iter()
@@ -953,9 +955,15 @@ impl CacheNode {
             };
             (line, wb)
         };
-        if to == LineState::Invalid && self.watchers.tracks(key) {
-            self.watchers.invalidate(key).await;
+        // A downgrade finding no line (its fill was not installed, or it
+        // was evicted) takes this node out of the directory: near caches
+        // that registered the key through it must go too.
+        let dropping = to == LineState::Invalid || (line.is_none() && wb.is_none());
+        let mut told = 0;
+        if dropping && self.watchers.tracks(key) {
+            told = self.watchers.invalidate(key).await;
         }
+        tracing::trace!(node = self.me, key = ?key, ?to, had = line.is_some(), told, "recalled");
         let mut reply = RecallReply::default();
         if let Some(l) = line {
             reply.had = true;
@@ -1033,6 +1041,43 @@ impl CacheNode {
         for (k, e) in dirty {
             if let Err(s) = self.write_back(&k, &e).await {
                 tracing::error!(key = ?k, error = %s.message(), "write-back on a membership change failed; the write is lost");
+            }
+        }
+    }
+
+    /// Probes every other member; one that stays unreachable for
+    /// `fence_after` is fenced out, so a dead node's keys move even when
+    /// no request happens to need it.
+    pub async fn probe_peers(&self) {
+        let ep = self.epoch();
+        if !self.lease_valid() {
+            return;
+        }
+        let others: Vec<(u64, u64)> = ep
+            .view
+            .members
+            .iter()
+            .filter(|(n, _)| **n != self.me)
+            .map(|(n, i)| (*n, *i))
+            .collect();
+        let probes = others.iter().map(|&(n, _)| {
+            let req = ReleaseRequest {
+                epoch: ep.view.epoch,
+                from: self.me,
+                lines: Vec::new(),
+            };
+            async move { self.peers.release(n, req).await }
+        });
+        let results = futures::future::join_all(probes).await;
+        for ((n, inc), r) in others.into_iter().zip(results) {
+            match r {
+                Err(s) if unreachable(&s) => {
+                    let _ = self.peer_result::<()>((n, inc), Err(s));
+                }
+                // Any answer, a refusal included, shows the node is alive.
+                _ => {
+                    self.suspects.lock().remove(&n);
+                }
             }
         }
     }

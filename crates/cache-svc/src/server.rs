@@ -5,7 +5,8 @@
 //! - `join_loop`: joins the membership after start and after being fenced;
 //! - `membership_loop`: moves the node to each new epoch;
 //! - `lease_loop`: renews the member lease by a `read_index` of the
-//!   membership group every `lease / 4`;
+//!   membership group every `lease / 4`, and probes the other members
+//!   every `lease / 2` (one unreachable for `fence_after` is fenced out);
 //! - `gauges_loop`: publishes the cache's figures as metrics (and, on the
 //!   embedded store's leader, purges expired entries).
 
@@ -145,8 +146,9 @@ impl CacheServer {
         replica.serve(
             listener,
             Routes::new(
-                CacheServiceServer::new(caches.clone())
-                    .max_decoding_message_size(chassis::MAX_REQUEST_BYTES),
+                CacheServiceServer::new(caches.clone()).max_decoding_message_size(
+                    chassis::MAX_REQUEST_BYTES.max(cfg.limits.max_value_bytes + (64 << 10)),
+                ),
             )
             .add_service(CachePeerServer::new(api).max_decoding_message_size(64 << 20)),
             &[SERVICE_NAME],
@@ -279,7 +281,13 @@ async fn lease_loop(
     mut closed: watch::Receiver<bool>,
 ) {
     let every = cache.limits.lease / 4;
+    let mut round = 0u64;
     loop {
+        round += 1;
+        if round % 2 == 0 {
+            let c = cache.clone();
+            tokio::spawn(async move { c.probe_peers().await });
+        }
         let asked = Instant::now();
         if let Ok(Ok(_)) = tokio::time::timeout(every * 2, group.read_index()).await {
             let m = state.read().clone();

@@ -10,10 +10,10 @@
 //! waits out its near-cache lease — which it bounded in its pongs — before
 //! going on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -30,10 +30,54 @@ struct Client {
     next_seq: u64,
 }
 
+/// A client forgotten less than a lease ago: until `until` it may still
+/// serve the keys it tracked from its near cache.
+struct Tombstone {
+    until: Instant,
+    tracked: HashSet<Bytes>,
+}
+
 #[derive(Default)]
 struct Inner {
     clients: HashMap<u64, Client>,
     by_key: HashMap<Bytes, HashSet<u64>>,
+    tombstones: VecDeque<Tombstone>,
+}
+
+impl Inner {
+    /// Forgets a client, leaving a tombstone until its lease surely ran
+    /// out (the last pong it can have granted is at most `lease` old).
+    fn forget(&mut self, id: u64, lease: Duration, extra: Option<&Bytes>) -> Option<Instant> {
+        let c = self.clients.remove(&id)?;
+        for k in &c.tracked {
+            if let Some(set) = self.by_key.get_mut(k) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_key.remove(k);
+                }
+            }
+        }
+        let mut tracked = c.tracked;
+        if let Some(k) = extra {
+            tracked.insert(k.clone());
+        }
+        let until = Instant::now() + lease;
+        self.tombstones.push_back(Tombstone { until, tracked });
+        Some(until)
+    }
+
+    /// When the last forgotten client that tracked `key` stops serving it.
+    fn tombstone_until(&mut self, key: &[u8]) -> Option<Instant> {
+        let now = Instant::now();
+        while self.tombstones.front().is_some_and(|t| t.until <= now) {
+            self.tombstones.pop_front();
+        }
+        self.tombstones
+            .iter()
+            .filter(|t| t.tracked.contains(key))
+            .map(|t| t.until)
+            .max()
+    }
 }
 
 pub struct Watchers {
@@ -98,20 +142,21 @@ impl Watchers {
         true
     }
 
-    /// Whether anyone tracks `key` (cheap pre-check).
+    /// Whether a client tracks `key`, or was forgotten less than a lease
+    /// ago while tracking it (cheap pre-check for `invalidate`).
     pub fn tracks(&self, key: &[u8]) -> bool {
-        self.inner.lock().by_key.contains_key(key)
+        let mut inner = self.inner.lock();
+        inner.by_key.contains_key(key) || inner.tombstone_until(key).is_some()
     }
 
     /// Tells every client tracking `key` to drop it and waits for their
-    /// acks; clients that do not ack in time are forgotten and their lease
-    /// waited out. Answers how many clients were told.
+    /// acks. Clients that do not ack in time are forgotten; then, as for
+    /// every client forgotten less than a lease ago that tracked the key,
+    /// their near-cache lease is waited out. Answers how many were told.
     pub async fn invalidate(&self, key: &Bytes) -> usize {
         let waits: Vec<(u64, oneshot::Receiver<()>)> = {
             let mut inner = self.inner.lock();
-            let Some(ids) = inner.by_key.remove(key) else {
-                return 0;
-            };
+            let ids = inner.by_key.remove(key).unwrap_or_default();
             let mut waits = Vec::with_capacity(ids.len());
             for id in ids {
                 let Some(c) = inner.clients.get_mut(&id) else {
@@ -145,17 +190,18 @@ impl Watchers {
                 .map(|(id, rx)| async move { (id, tokio::time::timeout(self.timeout, rx).await) }),
         )
         .await;
-        let mut dropped = false;
-        for (id, r) in results {
-            if !matches!(r, Ok(Ok(()))) {
-                tracing::warn!(client = id, "near-cache client missed an invalidation; dropping it");
-                self.remove(id);
-                dropped = true;
+        let until = {
+            let mut inner = self.inner.lock();
+            for (id, r) in results {
+                if !matches!(r, Ok(Ok(()))) {
+                    tracing::warn!(client = id, "near-cache client missed an invalidation; dropping it");
+                    inner.forget(id, self.lease, Some(key));
+                }
             }
-        }
-        if dropped {
-            // Its pongs promised at most `lease` from the last ping it sent.
-            tokio::time::sleep(self.lease).await;
+            inner.tombstone_until(key)
+        };
+        if let Some(until) = until {
+            tokio::time::sleep_until(until.into()).await;
         }
         told
     }
@@ -182,32 +228,26 @@ impl Watchers {
         }
     }
 
-    /// Forgets client `id` (its stream ended or it missed an ack); closing
-    /// its channel ends its stream.
+    /// Forgets client `id` (its stream ended); closing its channel ends
+    /// its stream. Its near cache may serve for up to a lease more: later
+    /// invalidations of its keys wait that out.
     pub fn remove(&self, id: u64) {
-        let mut inner = self.inner.lock();
-        if let Some(c) = inner.clients.remove(&id) {
-            for k in c.tracked {
-                if let Some(set) = inner.by_key.get_mut(&k) {
-                    set.remove(&id);
-                    if set.is_empty() {
-                        inner.by_key.remove(&k);
-                    }
-                }
-            }
-        }
+        self.inner.lock().forget(id, self.lease, None);
     }
 
     /// Ends every stream (the node's membership changed): clients drop
     /// their near caches and watch again.
     pub fn close_all(&self) {
         let mut inner = self.inner.lock();
-        for (_, c) in inner.clients.drain() {
-            let _ = c
-                .tx
-                .try_send(Err(Status::unavailable("cache membership changed; watch again")));
+        let ids: Vec<u64> = inner.clients.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = inner.clients.get(&id) {
+                let _ = c
+                    .tx
+                    .try_send(Err(Status::unavailable("cache membership changed; watch again")));
+            }
+            inner.forget(id, self.lease, None);
         }
-        inner.by_key.clear();
     }
 }
 

@@ -160,6 +160,10 @@ pub struct Cluster {
 impl Cluster {
     /// `store`: a Redis URL or "embedded".
     pub async fn start(n: usize, store: &str, limits: CacheLimits) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let (listeners, addrs) = bind_local(n).await.unwrap();
         let mut c = Self {
             dir: tempfile::tempdir().unwrap(),
