@@ -17,11 +17,13 @@ use clap::Parser;
 pub enum WritePolicy {
     /// The home writes the backing store before the write is acknowledged.
     Through,
-    /// The writer keeps the line Modified; the store is written when the
-    /// line is recalled, evicted, expires or its home moves. Risk: an
-    /// acknowledged write lives in one node's memory until then, so a node
-    /// crash (or fencing) loses it, and while a dirty line's home moves
-    /// a read at the new home can load the older stored value.
+    /// The write is acknowledged once every other copy is invalidated; the
+    /// writer holds the line Modified and the home keeps the dirty value,
+    /// storing it `--write-behind-ms` later (coalescing the writes made
+    /// meanwhile). Risk: until stored, an acknowledged write lives only in
+    /// the home's memory, so if the home crashes or is fenced out it is
+    /// lost; and when a home moves (membership change) the old home stores
+    /// its dirty values as it leaves, racing the new home's first reads.
     Back,
 }
 
@@ -43,6 +45,9 @@ pub struct CacheFlags {
     pub store: String,
     #[arg(long, env = "DSYNC_WRITE_POLICY", value_enum, default_value = "through")]
     pub write_policy: WritePolicy,
+    /// Write-back: how long a dirty value waits before it is stored.
+    #[arg(long, env = "DSYNC_WRITE_BEHIND_MS", default_value_t = 100)]
+    pub write_behind_ms: u64,
     /// Memory for cached lines (keys + values + overhead), in MiB.
     #[arg(long, env = "DSYNC_MEMORY_LIMIT_MB", default_value_t = 256)]
     pub memory_limit_mb: u64,
@@ -75,6 +80,7 @@ pub struct CacheFlags {
 #[derive(Debug, Clone)]
 pub struct CacheLimits {
     pub write_policy: WritePolicy,
+    pub write_behind: Duration,
     pub memory_limit_bytes: u64,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
@@ -98,6 +104,7 @@ impl Default for CacheLimits {
     fn default() -> Self {
         Self {
             write_policy: WritePolicy::Through,
+            write_behind: Duration::from_millis(100),
             memory_limit_bytes: 256 << 20,
             default_ttl: Duration::ZERO,
             max_ttl: Duration::from_secs(30 * 24 * 3600),
@@ -128,6 +135,7 @@ impl CacheLimits {
         }
         Ok(Self {
             write_policy: f.write_policy,
+            write_behind: Duration::from_millis(f.write_behind_ms),
             memory_limit_bytes: f.memory_limit_mb << 20,
             default_ttl: Duration::from_millis(f.default_ttl_ms),
             max_ttl: Duration::from_millis(f.max_ttl_ms),

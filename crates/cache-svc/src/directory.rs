@@ -64,20 +64,20 @@ pub struct Known {
 pub struct DirEntry {
     pub holders: BTreeMap<u64, Holder>,
     pub known: Option<Known>,
+    /// Write-back mode: the written value the store does not have yet
+    /// (the home keeps it until the write-behind flush stored it, so no
+    /// holder's eviction or crash can lose it).
+    pub dirty: Option<crate::store::Entry>,
 }
 
 /// What a release of a line does to the directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Released {
     /// Names an older grant (the node holds a newer line) or a node not
-    /// listed: nothing changes, and a dirty value it carries is not written
-    /// (the home already wrote it when it recalled the line, or a later
-    /// write superseded it).
+    /// listed: nothing changes.
     Stale,
     /// The holder is removed.
     Dropped,
-    /// The holder was Modified: removed, and its value must be written back.
-    WriteBack,
 }
 
 impl DirEntry {
@@ -144,16 +144,11 @@ impl DirEntry {
     }
 
     /// `node` dropped the line it got with `grant` (eviction, expiry).
-    pub fn release(&mut self, node: u64, grant: u64, dirty: bool) -> Released {
+    pub fn release(&mut self, node: u64, grant: u64) -> Released {
         match self.holders.get(&node) {
             Some(h) if h.grant == grant => {
-                let was = h.state;
                 self.holders.remove(&node);
-                if dirty && was == State::Modified {
-                    Released::WriteBack
-                } else {
-                    Released::Dropped
-                }
+                Released::Dropped
             }
             _ => Released::Stale,
         }
@@ -175,8 +170,9 @@ impl DirEntry {
             .collect()
     }
 
+    /// Nothing to remember: no holder and nothing dirty.
     pub fn is_idle(&self) -> bool {
-        self.holders.is_empty()
+        self.holders.is_empty() && self.dirty.is_none()
     }
 }
 
@@ -253,28 +249,33 @@ mod tests {
         let mut d = DirEntry::default();
         d.grant(1, h(State::Exclusive, 5));
         // A release of an older line (the node refilled since) is stale.
-        assert_eq!(d.release(1, 4, false), Released::Stale);
+        assert_eq!(d.release(1, 4), Released::Stale);
         assert_eq!(d.holders.len(), 1);
         // A node not listed.
-        assert_eq!(d.release(2, 5, false), Released::Stale);
-        assert_eq!(d.release(1, 5, false), Released::Dropped);
+        assert_eq!(d.release(2, 5), Released::Stale);
+        assert_eq!(d.release(1, 5), Released::Dropped);
         assert!(d.is_idle());
     }
 
     #[test]
-    fn dirty_release_writes_back_only_while_modified() {
+    fn a_dirty_value_outlives_its_modified_holder() {
+        // Write-back: the writer holds M, the home the value to store.
         let mut d = DirEntry::default();
-        d.written(1, Some(h(State::Modified, 5)), None);
-        assert_eq!(d.release(1, 5, true), Released::WriteBack);
-        // Recalled to S first (the home wrote the value back then): the
-        // late dirty release must not write an old value again.
-        d.written(1, Some(h(State::Modified, 6)), None);
-        d.downgraded(1, true);
-        assert_eq!(d.release(1, 6, true), Released::Dropped);
-        // Invalidated by a later write: stale.
-        d.written(1, Some(h(State::Modified, 7)), None);
-        d.invalidated(1);
-        assert_eq!(d.release(1, 7, true), Released::Stale);
+        let e = crate::store::Entry {
+            found: true,
+            value: bytes::Bytes::from_static(b"v"),
+            version: 3,
+            expires_at_ms: 0,
+        };
+        d.written(1, Some(h(State::Modified, 5)), Some(Known { found: true, version: 3 }));
+        d.dirty = Some(e);
+        // The M line is evicted: the holder goes, the entry stays (dirty).
+        assert_eq!(d.release(1, 5), Released::Dropped);
+        assert!(d.holders.is_empty());
+        assert!(!d.is_idle());
+        // Stored by the flush: now it may go.
+        d.dirty = None;
+        assert!(d.is_idle());
     }
 
     #[test]

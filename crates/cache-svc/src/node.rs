@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
 use crate::config::{CacheLimits, WritePolicy};
-use crate::directory::{self, DirEntry, Holder, Known, State};
+use crate::directory::{DirEntry, Holder, Known, State};
 use crate::fills::FillTracker;
 use crate::membership::{Command, Membership, View};
 use crate::peer::Peers;
@@ -151,13 +151,14 @@ pub struct Inner {
     dir: Mutex<HashMap<Bytes, DirEntry>>,
     stripes: Vec<tokio::sync::Mutex<()>>,
     fills: Mutex<FillTracker>,
-    /// Modified lines that left the cache, until their home took them.
-    writebacks: Mutex<HashMap<Bytes, (u64, Entry)>>,
     epoch: RwLock<Arc<Epoch>>,
-    lease_until: Mutex<Option<Instant>>,
+    /// (epoch, until): the member lease, valid only in the epoch it was
+    /// confirmed in.
+    lease_until: Mutex<Option<(u64, Instant)>>,
     membership: GroupHandle,
     next_grant: AtomicU64,
-    suspects: Mutex<HashMap<u64, Instant>>,
+    /// Peers failing calls: (first failure, last failure, failures).
+    suspects: Mutex<HashMap<u64, (Instant, Instant, u32)>>,
     /// Incarnations below this are from an earlier run of this node (its
     /// memory did not survive them): it is not a member under them.
     min_incarnation: AtomicU64,
@@ -232,6 +233,7 @@ impl CacheNode {
             Inner {
                 me,
                 watchers: Watchers::new(
+                    me,
                     limits.invalidation_timeout,
                     limits.lease,
                     limits.max_tracked_per_client,
@@ -244,7 +246,6 @@ impl CacheNode {
                 dir: Mutex::default(),
                 stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 fills: Mutex::default(),
-                writebacks: Mutex::default(),
                 epoch: RwLock::new(Arc::new(Epoch {
                     view: View::empty(),
                     incarnation: None,
@@ -276,7 +277,10 @@ impl CacheNode {
 
     /// What is left of this node's member lease.
     pub fn lease_left(&self) -> Option<Duration> {
-        let until = (*self.lease_until.lock())?;
+        let (epoch, until) = (*self.lease_until.lock())?;
+        if epoch != self.epoch().view.epoch {
+            return None;
+        }
         until.checked_duration_since(Instant::now())
     }
 
@@ -297,8 +301,9 @@ impl CacheNode {
         }
         let mut l = self.lease_until.lock();
         let until = asked + self.limits.lease;
-        if l.is_none_or(|u| u < until) {
-            *l = Some(until);
+        let epoch = ep.view.epoch;
+        if l.is_none_or(|(e, u)| e != epoch || u < until) {
+            *l = Some((epoch, until));
         }
     }
 
@@ -327,10 +332,11 @@ impl CacheNode {
     }
 
     fn check_serving(&self) -> Result<Arc<Epoch>, Status> {
-        if !self.lease_valid() {
+        let ep = self.epoch();
+        if !self.lease_valid() || Instant::now() < ep.serving_from {
             return Err(self.not_serving());
         }
-        Ok(self.epoch())
+        Ok(ep)
     }
 
     /// A home's check of a protocol request: same epoch, really home, lease.
@@ -396,11 +402,13 @@ impl CacheNode {
     /// first (so an invalidation after this read reaches the client);
     /// answers whether the registration took.
     pub async fn get(&self, key: &Bytes, client: u64) -> Result<(Entry, Source, bool), Status> {
-        self.check_serving()?;
+        let ep = self.check_serving()?;
         let tracked = client != 0 && self.watchers.track(client, key);
         if let Some(line) = self.lines.get(key) {
             let now = now_ms();
-            if !line.entry.expired(now) {
+            // A line of another home (left over from an older epoch) is
+            // not one the current home knows of.
+            if !line.entry.expired(now) && ep.view.home(key) == Some(line.home) {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 self.maybe_refresh(key, &line);
                 return Ok((line.entry.clone(), Source::Local, tracked));
@@ -431,16 +439,29 @@ impl CacheNode {
         }
         let node = self.clone();
         let key = key.clone();
+        let line = line.clone();
         tokio::spawn(async move {
             if node.fill(&key, true).await.is_ok() {
                 node.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+            } else {
+                line.refreshing.store(false, Ordering::Release);
             }
         });
     }
 
     /// Asks the key's home for a line and caches it unless an invalidation
-    /// overtook the answer.
+    /// overtook the answer. Runs to the end even if the caller goes away,
+    /// so the fill's ticket is always settled.
     async fn fill(&self, key: &Bytes, refresh: bool) -> Result<(Entry, Source), Status> {
+        let node = self.clone();
+        let key = key.clone();
+        match tokio::spawn(async move { node.fill_inner(&key, refresh).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(Status::internal(format!("fill task failed: {e}"))),
+        }
+    }
+
+    async fn fill_inner(&self, key: &Bytes, refresh: bool) -> Result<(Entry, Source), Status> {
         let ep = self.check_serving()?;
         let home = ep.view.home(key).ok_or_else(|| self.not_serving())?;
         let ticket = self.fills.lock().begin(key);
@@ -453,7 +474,7 @@ impl CacheNode {
         let res = if home.0 == self.me {
             self.home_fetch(req).await
         } else {
-            self.peers.fetch(home.0, req).await
+            self.peers.fetch(home.0, req, self.recall_timeout()).await
         };
         let own = res.as_ref().map_or(0, |g| g.self_recalls as u64);
         {
@@ -499,10 +520,8 @@ impl CacheNode {
                 format!("cache membership is changing: {}", s.message()),
             )),
             Err(s) if home.0 != self.me && unreachable(&s) => {
-                let since = *self.suspects.lock().entry(home.0).or_insert_with(Instant::now);
-                if since.elapsed() >= self.limits.fence_after {
-                    self.suspects.lock().remove(&home.0);
-                    self.fence(home.0, home.1, "home unreachable");
+                if self.suspect(home.0) {
+                    self.fence(home.0, home.1, "unreachable");
                 }
                 Err(unavailable(
                     "HOME_UNREACHABLE",
@@ -511,6 +530,31 @@ impl CacheNode {
             }
             Err(s) => Err(s),
         }
+    }
+
+    /// How long a home waits for a holder's recall: the holder may wait
+    /// out a slow near cache (an ack timeout, then that client's lease).
+    fn recall_timeout(&self) -> Duration {
+        self.limits.invalidation_timeout + self.limits.lease + Duration::from_millis(500)
+    }
+
+    /// Records a failed call to `node`; true when it has failed at least
+    /// three times in a row over `fence_after` (a lone failure, or one
+    /// long after the previous, starts over).
+    fn suspect(&self, node: u64) -> bool {
+        let now = Instant::now();
+        let mut sus = self.suspects.lock();
+        let e = sus.entry(node).or_insert((now, now, 0));
+        if now.duration_since(e.1) > self.limits.fence_after {
+            *e = (now, now, 0);
+        }
+        e.1 = now;
+        e.2 += 1;
+        if e.2 >= 3 && now.duration_since(e.0) >= self.limits.fence_after {
+            sus.remove(&node);
+            return true;
+        }
+        false
     }
 
     /// Proposes that `node` (at `incarnation`) be fenced out.
@@ -522,8 +566,17 @@ impl CacheNode {
             .forward(Command::Fence { node, incarnation }.encode());
     }
 
-    /// Writes through the key's home (set, delete or invalidate).
-    pub async fn write(&self, mut req: WriteRequest) -> Result<WriteReply, Status> {
+    /// Writes through the key's home (set, delete or invalidate). Runs to
+    /// the end even if the caller goes away.
+    pub async fn write(&self, req: WriteRequest) -> Result<WriteReply, Status> {
+        let node = self.clone();
+        match tokio::spawn(async move { node.write_inner(req).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(Status::internal(format!("write task failed: {e}"))),
+        }
+    }
+
+    async fn write_inner(&self, mut req: WriteRequest) -> Result<WriteReply, Status> {
         let ep = self.check_serving()?;
         let key = Bytes::from(std::mem::take(&mut req.key));
         let home = ep.view.home(&key).ok_or_else(|| self.not_serving())?;
@@ -532,14 +585,9 @@ impl CacheNode {
         req.key = key.to_vec();
         let ticket = self.fills.lock().begin(&key);
         let res = if home.0 == self.me {
-            // Runs to the end even if this caller gives up (see PeerApi).
-            let node = self.clone();
-            match tokio::spawn(async move { node.home_write(req).await }).await {
-                Ok(r) => r,
-                Err(e) => Err(Status::internal(format!("write task failed: {e}"))),
-            }
+            self.home_write(req).await
         } else {
-            match self.peers.write(home.0, req).await {
+            match self.peers.write(home.0, req, self.recall_timeout()).await {
                 // Sent, but no answer: the home may have applied it.
                 Err(s) if unreachable(&s) && !s.message().starts_with(crate::peer::NOT_SENT) => {
                     Err(unavailable(
@@ -583,20 +631,28 @@ impl CacheNode {
     ) -> Result<RecallReply, Status> {
         self.stats.invalidations_sent.fetch_add(1, Ordering::Relaxed);
         if node == self.me {
-            return Ok(self.on_recall(key, to).await);
+            let me = self.clone();
+            let key = key.clone();
+            return tokio::spawn(async move { me.on_recall(&key, to).await })
+                .await
+                .map_err(|e| Status::internal(format!("recall task failed: {e}")));
         }
+        let Some(&incarnation) = ep.view.members.get(&node) else {
+            // Not a member any more: its lines were dropped when it left,
+            // and its near caches' leases ran out before this epoch served.
+            return Ok(RecallReply::default());
+        };
         let req = RecallRequest {
             epoch: ep.view.epoch,
             home: self.me,
             key: key.to_vec(),
             to: to as i32,
+            incarnation,
         };
-        match self.peers.recall(node, req, self.limits.invalidation_timeout).await {
+        match self.peers.recall(node, req, self.recall_timeout()).await {
             Ok(r) => Ok(r),
             Err(s) => {
-                if let Some(inc) = ep.view.members.get(&node) {
-                    self.fence(node, *inc, "did not answer a recall in time");
-                }
+                self.fence(node, incarnation, "did not answer a recall in time");
                 Err(unavailable(
                     "EPOCH_CHANGING",
                     format!(
@@ -608,30 +664,61 @@ impl CacheNode {
         }
     }
 
-    /// A Modified copy (write-back mode) is written back and downgraded
-    /// before anything else reads or changes the key. Answers its entry.
-    async fn settle_modified(&self, ep: &Epoch, key: &Bytes) -> Result<Option<Entry>, Status> {
+    /// A Modified holder (write-back mode) is downgraded to Shared before
+    /// another node shares the line. Its value is the home's dirty entry.
+    async fn settle_modified(&self, ep: &Epoch, key: &Bytes) -> Result<(), Status> {
         let Some(m) = self.dir_entry(key).modified() else {
-            return Ok(None);
+            return Ok(());
         };
         let r = self.recall(ep, m, key, LineState::Shared).await?;
-        let entry = r.had.then(|| Entry::from_proto(r.entry));
-        if let Some(e) = &entry {
-            if r.dirty {
-                self.write_back(key, e).await?;
-            }
-        }
         self.dir_update(key, |d| d.downgraded(m, r.had));
-        Ok(entry)
+        Ok(())
     }
 
-    async fn write_back(&self, key: &Bytes, e: &Entry) -> Result<(), Status> {
-        let res = if e.found {
+    async fn store_entry(&self, key: &Bytes, e: &Entry) -> Result<(), StoreError> {
+        if e.found {
             self.store.put(key, e).await
         } else {
             self.store.delete(key).await.map(|_| ())
-        };
-        res.map_err(store_status)
+        }
+    }
+
+    /// Write-behind (write-back mode): stores the key's dirty entry, retrying
+    /// with backoff while this node is its home; clears it once stored (if
+    /// no newer write replaced it meanwhile).
+    fn flush_later(&self, key: Bytes) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(node.limits.write_behind).await;
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                {
+                    let _g = node.stripe(&key).lock().await;
+                    let ep = node.epoch();
+                    if ep.view.home(&key).map(|h| h.0) != Some(node.me) {
+                        return; // `enter` flushed it when the home moved.
+                    }
+                    let Some(e) = node.dir_entry(&key).dirty else {
+                        return;
+                    };
+                    match node.store_entry(&key, &e).await {
+                        Ok(()) => {
+                            node.dir_update(&key, |d| {
+                                if d.dirty.as_ref().is_some_and(|x| x.version == e.version) {
+                                    d.dirty = None;
+                                }
+                            });
+                            return;
+                        }
+                        Err(err) => {
+                            tracing::warn!(key = ?key, error = %err, "write-behind failed; retrying")
+                        }
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        });
     }
 
     /// Fill of `key` for `req.from`: from a copy if one exists (the
@@ -651,7 +738,9 @@ impl CacheNode {
         if self.dir_entry(&key).modified() == Some(from) {
             self_recalls += 1;
         }
-        let mut found = self.settle_modified(&ep, &key).await?.map(|e| (e, 1u32));
+        self.settle_modified(&ep, &key).await?;
+        // A dirty value (write-back) is the current one.
+        let mut found = self.dir_entry(&key).dirty.map(|e| (e, 1u32));
         if found.is_none() && !req.refresh {
             if let Some(x) = self.dir_entry(&key).exclusive_other_than(from) {
                 let r = self.recall(&ep, x, &key, LineState::Shared).await?;
@@ -686,6 +775,9 @@ impl CacheNode {
                 (e, 2)
             }
         };
+        // The epoch may have moved while this waited: its directory entry
+        // must not come back then.
+        let ep = self.check_home(req.epoch, &key)?;
         let mut d = self.dir_entry(&key);
         let state = d.fill_state(from);
         if state == State::Shared && from != self.me && !d.holders.contains_key(&self.me) {
@@ -739,10 +831,6 @@ impl CacheNode {
             return Err(unavailable("NOT_MEMBER", format!("node {from} is not a member")));
         };
         let op = req.op();
-        if op == WriteOp::Invalidate {
-            // Nothing changes in the store: a dirty copy is written first.
-            self.settle_modified(&ep, &key).await?;
-        }
         let cur = match self.dir_entry(&key).known {
             Some(k) => k,
             None => {
@@ -791,6 +879,8 @@ impl CacheNode {
         if let Some(s) = failure {
             return Err(s);
         }
+        // Still this epoch's home, with a lease of this epoch?
+        self.check_home(req.epoch, &key)?;
         let mut reply = WriteReply {
             invalidated,
             self_recalls,
@@ -802,16 +892,19 @@ impl CacheNode {
                 return Ok(reply);
             }
             WriteOp::Delete => {
-                self.require_lease()?;
                 // Unknown until the store answers (if this task died now,
-                // the next write must read the store's version).
-                self.dir_update(&key, |d| d.known = None);
+                // the next write must read the store's version). A dirty
+                // value is superseded.
+                self.dir_update(&key, |d| {
+                    d.known = None;
+                    d.dirty = None;
+                });
                 let r = self.store.delete(&key).await;
                 if let Err(e) = r {
                     self.after_failed_write(&key, &e, cur);
                     return Err(store_status(e));
                 }
-                self.require_lease_after_store()?;
+                self.require_lease_after_store(req.epoch, &key)?;
                 self.dir_update(&key, |d| {
                     d.written(from, None, Some(Known { found: false, version: 0 }))
                 });
@@ -830,19 +923,22 @@ impl CacheNode {
                 };
                 let state = match self.limits.write_policy {
                     WritePolicy::Through => {
-                        self.require_lease()?;
                         self.dir_update(&key, |d| d.known = None);
                         if let Err(e) = self.store.put(&key, &entry).await {
                             self.after_failed_write(&key, &e, cur);
                             return Err(store_status(e));
                         }
-                        self.require_lease_after_store()?;
+                        self.require_lease_after_store(req.epoch, &key)?;
                         State::Exclusive
                     }
                     WritePolicy::Back => State::Modified,
                 };
                 let grant = self.grant_id();
+                let back = state == State::Modified;
                 self.dir_update(&key, |d| {
+                    if back {
+                        d.dirty = Some(entry.clone());
+                    }
                     d.written(
                         from,
                         Some(Holder {
@@ -856,6 +952,9 @@ impl CacheNode {
                         }),
                     )
                 });
+                if back {
+                    self.flush_later(key.clone());
+                }
                 reply.version = entry.version;
                 reply.grant = grant;
                 reply.state = state.to_proto() as i32;
@@ -867,19 +966,11 @@ impl CacheNode {
         Ok(reply)
     }
 
-    fn require_lease(&self) -> Result<(), Status> {
-        if self.lease_valid() {
-            Ok(())
-        } else {
-            Err(self.not_serving())
-        }
-    }
-
-    /// After the store was written: if the lease ran out meanwhile, a new
-    /// home may have read the store before the write landed, so the write
-    /// cannot be acknowledged.
-    fn require_lease_after_store(&self) -> Result<(), Status> {
-        if self.lease_valid() {
+    /// After the store was written: if the lease ran out or the epoch moved
+    /// meanwhile, a new home may have read the store before the write
+    /// landed, so the write cannot be acknowledged.
+    fn require_lease_after_store(&self, epoch: u64, key: &[u8]) -> Result<(), Status> {
+        if self.check_home(epoch, key).is_ok() {
             Ok(())
         } else {
             Err(unavailable(
@@ -899,8 +990,8 @@ impl CacheNode {
         self.dir_update(key, |d| d.written(0, None, known));
     }
 
-    /// Lines a holder dropped (eviction, expiry): its directory entry goes,
-    /// and a Modified line's value is written back.
+    /// Lines a holder dropped (eviction, expiry): it leaves the directory
+    /// (unless the release names an older grant).
     pub async fn on_release(&self, req: ReleaseRequest) -> Result<(), Status> {
         let ep = self.epoch();
         if ep.view.epoch != req.epoch {
@@ -917,13 +1008,7 @@ impl CacheNode {
             if self.epoch().view.epoch != req.epoch {
                 break;
             }
-            let outcome = self.dir_update(&key, |d| d.release(req.from, r.grant, r.dirty));
-            if outcome == directory::Released::WriteBack {
-                let e = Entry::from_proto(r.entry);
-                if let Err(s) = self.write_back(&key, &e).await {
-                    tracing::error!(key = ?key, error = %s.message(), "write-back of an evicted line failed; the write is lost");
-                }
-            }
+            self.dir_update(&key, |d| d.release(req.from, r.grant));
         }
         Ok(())
     }
@@ -938,11 +1023,10 @@ impl CacheNode {
         self.stats
             .invalidations_received
             .fetch_add(1, Ordering::Relaxed);
-        let (line, wb) = {
+        let line = {
             let mut f = self.fills.lock();
             f.recalled(key);
-            let wb = self.writebacks.lock().remove(key);
-            let line = if to == LineState::Invalid {
+            if to == LineState::Invalid {
                 self.lines.remove(key)
             } else {
                 let line = self.lines.get(key);
@@ -952,13 +1036,12 @@ impl CacheNode {
                     }
                 }
                 line
-            };
-            (line, wb)
+            }
         };
         // A downgrade finding no line (its fill was not installed, or it
         // was evicted) takes this node out of the directory: near caches
         // that registered the key through it must go too.
-        let dropping = to == LineState::Invalid || (line.is_none() && wb.is_none());
+        let dropping = to == LineState::Invalid || line.is_none();
         let mut told = 0;
         if dropping && self.watchers.tracks(key) {
             told = self.watchers.invalidate(key).await;
@@ -967,13 +1050,7 @@ impl CacheNode {
         let mut reply = RecallReply::default();
         if let Some(l) = line {
             reply.had = true;
-            reply.dirty = l.state == State::Modified;
             reply.entry = Some(l.entry.to_proto());
-        }
-        if let Some((_, e)) = wb {
-            reply.had = true;
-            reply.dirty = true;
-            reply.entry = Some(e.to_proto());
         }
         reply
     }
@@ -983,7 +1060,8 @@ impl CacheNode {
     /// Moves to a new membership: drops lines whose home is no longer the
     /// same (node, incarnation), forgets directory entries of keys homed
     /// elsewhere now and holders that left or restarted, ends every watch
-    /// stream, writes dirty lines back, and serves again only after `lease`.
+    /// stream, stores dirty values whose home moved (write-back), and
+    /// serves again only after `lease`.
     pub async fn enter(&self, m: &Membership) {
         let old = self.epoch();
         if m.epoch <= old.view.epoch && old.view.epoch != 0 {
@@ -993,38 +1071,39 @@ impl CacheNode {
         let min = self.min_incarnation.load(Ordering::Acquire);
         let inc = m.incarnation(self.me).filter(|i| *i >= min);
         let same_self = inc.is_some() && inc == old.incarnation;
-        *self.lease_until.lock() = None;
-        let serving_from = Instant::now() + self.limits.lease;
         let new = Arc::new(Epoch {
             view,
             incarnation: inc,
-            serving_from,
+            serving_from: Instant::now() + self.limits.lease,
         });
-        *self.epoch.write() = new.clone();
+        {
+            // Under the fills lock, so no fill of the old epoch installs a
+            // line after the sweep.
+            let _f = self.fills.lock();
+            *self.epoch.write() = new.clone();
+            *self.lease_until.lock() = None;
+            let drop_keys: Vec<Bytes> = self
+                .lines
+                .iter()
+                .filter(|(k, line)| !same_self || new.view.home(k) != Some(line.home))
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for k in drop_keys {
+                self.lines.remove(&k);
+            }
+        }
         self.watchers.close_all();
         let mut dirty: Vec<(Bytes, Entry)> = Vec::new();
-        let mut drop_keys = Vec::new();
-        for (k, line) in self.lines.iter() {
-            if !same_self || new.view.home(&k) != Some(line.home) {
-                drop_keys.push(k.clone());
-            }
-        }
-        {
-            let _f = self.fills.lock();
-            for k in drop_keys {
-                let key: Bytes = (*k).clone();
-                if let Some(line) = self.lines.remove(&key) {
-                    if line.state == State::Modified {
-                        dirty.push((key, line.entry.clone()));
-                    }
-                }
-            }
-        }
-        dirty.extend(self.writebacks.lock().drain().map(|(k, (_, e))| (k, e)));
         {
             let mut dir = self.dir.lock();
             dir.retain(|k, e| {
                 if !same_self || new.view.home(k).map(|h| h.0) != Some(self.me) {
+                    // Its new home reads the store: store what it lacks.
+                    if same_self {
+                        if let Some(d) = e.dirty.take() {
+                            dirty.push((k.clone(), d));
+                        }
+                    }
                     return false;
                 }
                 e.drop_departed(&new.view.members);
@@ -1038,10 +1117,15 @@ impl CacheNode {
             member = inc.is_some(),
             "cache membership changed"
         );
-        for (k, e) in dirty {
-            if let Err(s) = self.write_back(&k, &e).await {
-                tracing::error!(key = ?k, error = %s.message(), "write-back on a membership change failed; the write is lost");
-            }
+        if !dirty.is_empty() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                for (k, e) in dirty {
+                    if let Err(err) = node.store_entry(&k, &e).await {
+                        tracing::error!(key = ?k, error = %err, "write-back on a membership change failed; the write is lost");
+                    }
+                }
+            });
         }
     }
 
@@ -1109,7 +1193,7 @@ impl CacheNode {
 /// Tells homes about lines that left this node's cache: first the near
 /// caches that registered them are invalidated (the home still lists this
 /// node meanwhile, so writes keep reaching them), then the home drops this
-/// node from its directory (writing back a Modified line).
+/// node from its directory.
 async fn release_loop(node: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Evicted>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 512).await > 0 {
@@ -1123,28 +1207,21 @@ async fn release_loop(node: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRecei
             if ep.view.home(&key) != Some(line.home) {
                 continue;
             }
-            let dirty = line.state == State::Modified;
-            if dirty {
-                node.writebacks
-                    .lock()
-                    .insert(key.clone(), (line.grant, line.entry.clone()));
-            }
             if node.watchers.tracks(&key) {
                 tracked.push(key.clone());
             }
             by_home.entry(line.home.0).or_default().push(Released {
                 key: key.to_vec(),
                 grant: line.grant,
-                dirty,
-                entry: dirty.then(|| line.entry.to_proto()),
             });
         }
-        futures::future::join_all(tracked.iter().map(|k| node.watchers.invalidate(k))).await;
+        // Run to the end (see Watchers::invalidate).
+        let w = node.clone();
+        let _ = tokio::spawn(async move {
+            futures::future::join_all(tracked.iter().map(|k| w.watchers.invalidate(k))).await;
+        })
+        .await;
         for (home, lines) in by_home {
-            let keys: Vec<(Bytes, u64)> = lines
-                .iter()
-                .map(|r| (Bytes::from(r.key.clone()), r.grant))
-                .collect();
             let req = ReleaseRequest {
                 epoch: ep.view.epoch,
                 from: node.me,
@@ -1155,18 +1232,10 @@ async fn release_loop(node: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRecei
             } else {
                 node.peers.release(home, req).await
             };
-            match res {
-                Ok(()) => {
-                    let mut wb = node.writebacks.lock();
-                    for (k, grant) in keys {
-                        if wb.get(&k).is_some_and(|(g, _)| *g == grant) {
-                            wb.remove(&k);
-                        }
-                    }
-                }
-                // Kept in `writebacks`: a recall finds it, a membership
-                // change writes it to the store.
-                Err(s) => tracing::debug!(home, error = %s.message(), "release not delivered"),
+            // An undelivered release leaves this node listed: harmless (a
+            // later recall finds nothing), so it is not retried.
+            if let Err(s) = res {
+                tracing::debug!(home, error = %s.message(), "release not delivered");
             }
         }
     }

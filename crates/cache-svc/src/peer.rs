@@ -90,14 +90,15 @@ impl Peers {
         }
     }
 
-    pub async fn fetch(&self, to: u64, req: FetchRequest) -> Result<LineGrant, Status> {
-        self.call(to, self.timeout, |mut c| async move { c.fetch(req).await })
+    /// Fetch and Write may wait at the home for a recall (a slow near
+    /// cache's ack and lease) and the store: `slow` bounds that.
+    pub async fn fetch(&self, to: u64, req: FetchRequest, slow: Duration) -> Result<LineGrant, Status> {
+        self.call(to, self.timeout + slow, |mut c| async move { c.fetch(req).await })
             .await
     }
 
-    pub async fn write(&self, to: u64, req: WriteRequest) -> Result<WriteReply, Status> {
-        // A write may wait for a fence and for a lagging near cache.
-        self.call(to, self.timeout * 2, |mut c| async move { c.write(req).await })
+    pub async fn write(&self, to: u64, req: WriteRequest, slow: Duration) -> Result<WriteReply, Status> {
+        self.call(to, self.timeout * 2 + slow, |mut c| async move { c.write(req).await })
             .await
     }
 
@@ -181,9 +182,22 @@ impl CachePeer for PeerApi {
 
     async fn recall(&self, req: Request<RecallRequest>) -> Result<Response<RecallReply>, Status> {
         let req = req.into_inner();
-        let node = self.node(req.home)?;
+        let node = self.node(req.home)?.clone();
+        if node.epoch().incarnation != Some(req.incarnation) {
+            // Restarted (or fenced) since the home listed it: an empty
+            // answer would hide the old run's near caches.
+            return Err(Status::failed_precondition(format!(
+                "node {} is not at incarnation {}",
+                self.me, req.incarnation
+            )));
+        }
         let to = req.to();
-        Ok(Response::new(node.on_recall(&Bytes::from(req.key), to).await))
+        // Runs to the end even if the home gives up: a half-done near-cache
+        // invalidation must still forget the clients that did not answer.
+        let reply = tokio::spawn(async move { node.on_recall(&Bytes::from(req.key), to).await })
+            .await
+            .map_err(|e| Status::internal(format!("recall task failed: {e}")))?;
+        Ok(Response::new(reply))
     }
 
     async fn release(
@@ -197,6 +211,11 @@ impl CachePeer for PeerApi {
 
     async fn store(&self, req: Request<StoreRequest>) -> Result<Response<StoreReply>, Status> {
         let req = req.into_inner();
+        if self.faults.is_some() {
+            // Test partitions: the sender is not named; refuse if this node
+            // is cut from everyone.
+            self.node(0)?;
+        }
         let Some(store) = self.embedded.get() else {
             return Err(Status::failed_precondition("this cache has no embedded store"));
         };

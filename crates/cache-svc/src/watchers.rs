@@ -42,6 +42,9 @@ struct Inner {
     clients: HashMap<u64, Client>,
     by_key: HashMap<Bytes, HashSet<u64>>,
     tombstones: VecDeque<Tombstone>,
+    /// Keys with an invalidation under way (how many): a second one waits
+    /// for it, since the first took the key's registrations.
+    inflight: HashMap<Bytes, usize>,
 }
 
 impl Inner {
@@ -62,16 +65,21 @@ impl Inner {
             tracked.insert(k.clone());
         }
         let until = Instant::now() + lease;
+        self.prune();
         self.tombstones.push_back(Tombstone { until, tracked });
         Some(until)
     }
 
-    /// When the last forgotten client that tracked `key` stops serving it.
-    fn tombstone_until(&mut self, key: &[u8]) -> Option<Instant> {
+    fn prune(&mut self) {
         let now = Instant::now();
         while self.tombstones.front().is_some_and(|t| t.until <= now) {
             self.tombstones.pop_front();
         }
+    }
+
+    /// When the last forgotten client that tracked `key` stops serving it.
+    fn tombstone_until(&mut self, key: &[u8]) -> Option<Instant> {
+        self.prune();
         self.tombstones
             .iter()
             .filter(|t| t.tracked.contains(key))
@@ -91,12 +99,14 @@ pub struct Watchers {
 }
 
 impl Watchers {
-    pub fn new(timeout: Duration, lease: Duration, max_tracked: usize) -> Self {
+    pub fn new(node: u64, timeout: Duration, lease: Duration, max_tracked: usize) -> Self {
         Self {
             inner: Mutex::default(),
-            // Ids are unique across restarts of the node, so a client never
-            // mistakes a new stream's id for its old one.
-            next_id: AtomicU64::new(crate::store::now_ms() << 16),
+            // Ids carry the node (another node never knows them) and the
+            // start time (a restarted node never reissues one).
+            next_id: AtomicU64::new(
+                (node << 48) | ((crate::store::now_ms() & 0xff_ffff) << 24),
+            ),
             timeout,
             lease,
             max_tracked,
@@ -107,7 +117,9 @@ impl Watchers {
     /// A new watching client: its id and the channel its events go to.
     pub fn register(&self, tx: EventSender) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.inner.lock().clients.insert(
+        let mut inner = self.inner.lock();
+        inner.prune();
+        inner.clients.insert(
             id,
             Client {
                 tx,
@@ -146,14 +158,30 @@ impl Watchers {
     /// ago while tracking it (cheap pre-check for `invalidate`).
     pub fn tracks(&self, key: &[u8]) -> bool {
         let mut inner = self.inner.lock();
-        inner.by_key.contains_key(key) || inner.tombstone_until(key).is_some()
+        inner.by_key.contains_key(key)
+            || inner.inflight.contains_key(key)
+            || inner.tombstone_until(key).is_some()
     }
 
     /// Tells every client tracking `key` to drop it and waits for their
     /// acks. Clients that do not ack in time are forgotten; then, as for
     /// every client forgotten less than a lease ago that tracked the key,
-    /// their near-cache lease is waited out. Answers how many were told.
+    /// their near-cache lease is waited out. An invalidation of the key
+    /// already under way is waited for too. Answers how many were told.
+    ///
+    /// Callers run it to the end (in a spawned task): dropped half-way, it
+    /// would leave slow clients neither acknowledged nor forgotten.
     pub async fn invalidate(&self, key: &Bytes) -> usize {
+        loop {
+            {
+                let mut inner = self.inner.lock();
+                if !inner.inflight.contains_key(key) {
+                    inner.inflight.insert(key.clone(), 1);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let waits: Vec<(u64, oneshot::Receiver<()>)> = {
             let mut inner = self.inner.lock();
             let ids = inner.by_key.remove(key).unwrap_or_default();
@@ -196,6 +224,12 @@ impl Watchers {
                 if !matches!(r, Ok(Ok(()))) {
                     tracing::warn!(client = id, "near-cache client missed an invalidation; dropping it");
                     inner.forget(id, self.lease, Some(key));
+                }
+            }
+            if let Some(n) = inner.inflight.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.inflight.remove(key);
                 }
             }
             inner.tombstone_until(key)

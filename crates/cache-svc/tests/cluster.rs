@@ -78,22 +78,37 @@ async fn mesi_states_follow_reads_and_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn write_back_keeps_the_line_modified_until_recalled() {
+async fn write_back_stores_behind_the_acknowledgement() {
     let redis = Redis::start();
-    let c = Cluster::start(3, &redis.url(), write_back_limits()).await;
+    let limits = CacheLimits {
+        write_behind: Duration::from_millis(1500),
+        ..write_back_limits()
+    };
+    let c = Cluster::start(3, &redis.url(), limits).await;
     let key = key_homed_on(&c, 1, "wb");
     let (c2, c3) = (c.client(2, false), c.client(3, false));
     c2.set(&key, "dirty").await.unwrap();
     assert_eq!(states(&c, 2), [0, 0, 1], "writer holds M");
-    // Not in Redis yet.
-    let raw = redis.raw(&[b"EXISTS", format!("dsync:{key}").as_bytes()]);
-    assert_eq!(raw, b":0\r\n");
-    // A read elsewhere makes the home recall it: written back, M → S.
-    let e = c3.get(&key).await.unwrap().unwrap();
-    assert_eq!(e.value, Bytes::from("dirty"));
+    // Not in Redis yet: acknowledged before the store write.
+    let exists = |r: &Redis| r.raw(&[b"EXISTS", format!("dsync:{key}").as_bytes()]);
+    assert_eq!(exists(&redis), b":0\r\n");
+    // A read elsewhere: M → S, the value comes from the home's dirty copy.
+    let (e, src) = c3.get_with_source(&key).await.unwrap();
+    assert_eq!(e.unwrap().value, Bytes::from("dirty"));
+    assert_eq!(src, Source::Peer);
     assert_eq!(states(&c, 2), [1, 0, 0]);
-    let raw = redis.raw(&[b"EXISTS", format!("dsync:{key}").as_bytes()]);
-    assert_eq!(raw, b":1\r\n");
+    // Writes coalesce; the last one is stored after the delay.
+    c3.set(&key, "dirtier").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exists(&redis) != b":1\r\n" {
+        assert!(Instant::now() < deadline, "never stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let raw = redis.raw(&[b"GET", format!("dsync:{key}").as_bytes()]);
+    assert!(raw.ends_with(b"dirtier\r\n"), "{raw:?}");
+    // The writer's line can be evicted or invalidated now: nothing is lost.
+    c2.invalidate(&key).await.unwrap();
+    assert_eq!(c2.get(&key).await.unwrap().unwrap().value, Bytes::from("dirtier"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -558,4 +573,13 @@ async fn embedded_store_survives_a_killed_node() {
     c.wait_ready(&[]).await;
     let back = c.client(2, false);
     assert_eq!(back.get("e-1").await.unwrap().unwrap().value, Bytes::from("v1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_back_mode_is_linearizable_too() {
+    let redis = Redis::start();
+    let c = Cluster::start(3, &redis.url(), write_back_limits()).await;
+    let clients = vec![(1, true), (2, false), (2, true), (3, true)];
+    let n = run_history(&c, clients, 3, 250, async {}).await;
+    assert!(n > 600, "only {n} operations checked");
 }

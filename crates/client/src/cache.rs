@@ -167,6 +167,55 @@ impl Near {
     }
 }
 
+/// A read in flight for the near cache; settled even if the read's future
+/// is dropped (so its slot does not leak).
+struct FillSlot<'a> {
+    near: &'a Near,
+    key: Bytes,
+    start: u64,
+    done: bool,
+}
+
+impl<'a> FillSlot<'a> {
+    fn begin(near: &'a Near, s: &mut NearState, key: Bytes) -> Self {
+        let slot = s.fills.entry(key.clone()).or_default();
+        slot.active += 1;
+        let start = slot.invalidations;
+        Self {
+            near,
+            key,
+            start,
+            done: false,
+        }
+    }
+
+    /// Whether no invalidation of the key arrived since `begin`.
+    fn finish(mut self, s: &mut NearState) -> bool {
+        self.done = true;
+        Self::release(s, &self.key, Some(self.start))
+    }
+
+    fn release(s: &mut NearState, key: &Bytes, start: Option<u64>) -> bool {
+        let Some(slot) = s.fills.get_mut(key) else {
+            return false;
+        };
+        let clean = start == Some(slot.invalidations);
+        slot.active -= 1;
+        if slot.active == 0 {
+            s.fills.remove(key);
+        }
+        clean
+    }
+}
+
+impl Drop for FillSlot<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            Self::release(&mut self.near.state.lock(), &self.key, None);
+        }
+    }
+}
+
 /// A cache-svc client; cheap to clone.
 #[derive(Clone)]
 pub struct CacheClient {
@@ -184,6 +233,30 @@ impl Drop for CacheClient {
             }
         }
     }
+}
+
+/// Whether a failed write surely did not happen.
+fn write_not_applied(s: &Status) -> bool {
+    match proto::status::reason(s).as_str() {
+        "EPOCH_CHANGING" | "NOT_MEMBER" | "NO_LEASE" | "HOME_UNREACHABLE" | "STORE_UNAVAILABLE" => {
+            true
+        }
+        "" => never_sent(s),
+        _ => false,
+    }
+}
+
+/// A transport error from opening the connection: the request never left.
+fn never_sent(s: &Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if text.contains("Connect") || text.contains("connect error") || text.contains("Connection refused") {
+            return true;
+        }
+        cause = e.source();
+    }
+    s.message().contains("resolv") || s.message().contains("bad endpoint")
 }
 
 fn entry_of(r: &GetResponse) -> Option<Entry> {
@@ -282,26 +355,13 @@ impl CacheClient {
         };
         near.misses.fetch_add(1, Ordering::Relaxed);
         let k = Bytes::copy_from_slice(key);
-        let (client_id, start) = {
+        let (client_id, slot) = {
             let mut s = near.state.lock();
-            let id = s.client_id;
-            let slot = s.fills.entry(k.clone()).or_default();
-            slot.active += 1;
-            (id, slot.invalidations)
+            (s.client_id, FillSlot::begin(near, &mut s, k.clone()))
         };
         let res = self.call_get(key, client_id).await;
         let mut s = near.state.lock();
-        let clean = match s.fills.get_mut(&k) {
-            Some(slot) => {
-                let clean = slot.invalidations == start;
-                slot.active -= 1;
-                if slot.active == 0 {
-                    s.fills.remove(&k);
-                }
-                clean
-            }
-            None => false,
-        };
+        let clean = slot.finish(&mut s);
         let r = res?;
         let entry = entry_of(&r);
         if clean && r.tracked && client_id != 0 && s.client_id == client_id {
@@ -336,8 +396,12 @@ impl CacheClient {
             .await
     }
 
-    /// Retries a write on UNAVAILABLE except OUTCOME_UNKNOWN (the write
-    /// may have happened: retrying could apply it twice or fail its CAS).
+    /// Retries a write only when it surely had no effect: refused by a
+    /// node for a documented reason (EPOCH_CHANGING, NOT_MEMBER, NO_LEASE,
+    /// HOME_UNREACHABLE, STORE_UNAVAILABLE) or never sent (no connection).
+    /// Anything else — OUTCOME_UNKNOWN, a connection lost mid-call, a
+    /// timeout — is returned: the write may have happened, and a retry
+    /// could apply it twice or fail its own CAS.
     async fn write_call<T, F, Fut>(&self, key: &[u8], mut f: F) -> Result<T, Status>
     where
         F: FnMut(CacheServiceClient<tonic::transport::Channel>) -> Fut,
@@ -353,7 +417,7 @@ impl CacheClient {
                 let fut = f(CacheServiceClient::new(ch));
                 async move {
                     match fut.await {
-                        Err(s) if proto::status::reason(&s) == "OUTCOME_UNKNOWN" => Ok(Err(s)),
+                        Err(s) if crate::replica_failed(&s) && !write_not_applied(&s) => Ok(Err(s)),
                         other => other.map(Ok),
                     }
                 }

@@ -8,6 +8,9 @@
 //! dsync queue create-topic orders --partitions 3
 //! dsync queue produce orders --key customer-7 'hello'
 //! dsync queue consume orders workers --max 10
+//! dsync cache set user:7 '{"name":"Ada"}' --ttl-ms 60000
+//! dsync cache get user:7
+//! dsync cache status
 //! ```
 
 use std::time::Duration;
@@ -24,8 +27,8 @@ use tonic::Status;
 )]
 struct Cli {
     /// Replicas to talk to (any of them; the leader is found). Default:
-    /// 127.0.0.1:7001-7003 (lock-svc), or 127.0.0.1:7011-7013 for `queue`
-    /// (what `cargo xtask up` starts).
+    /// 127.0.0.1:7001-7003 (lock-svc), 127.0.0.1:7011-7013 for `queue`,
+    /// 127.0.0.1:7021-7023 for `cache` (what `cargo xtask up` starts).
     #[arg(long, env = "DSYNC_ENDPOINTS", value_delimiter = ',')]
     endpoints: Vec<String>,
     /// Keep retrying across elections and unreachable replicas this long.
@@ -57,6 +60,44 @@ enum Top {
         #[command(subcommand)]
         cmd: QueueCmd,
     },
+    /// Cache commands (cache-svc).
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Print a key's value (exit 1 with KEY_NOT_FOUND if absent).
+    Get {
+        key: String,
+        /// Also print version, TTL left and which tier answered.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Write a key; prints its new version.
+    Set {
+        key: String,
+        value: String,
+        /// Expire after this many ms (0: the server's default).
+        #[arg(long, default_value_t = 0)]
+        ttl_ms: u64,
+        /// Only if the key's version is this (0: only if absent).
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Delete a key (optionally only at a version).
+    Delete {
+        key: String,
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Drop every cached copy of a key (the store keeps it); prints the
+    /// nodes that held one.
+    Invalidate { key: String },
+    /// Every node's figures and the membership it sees.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -288,6 +329,15 @@ async fn run(cli: Cli) -> Result<(), Status> {
         Top::Queue { cmd } => {
             let conn = dsync_client::Conn::new(endpoints([7011, 7012, 7013]), opts)?;
             queue(&dsync_client::QueueClient::new(conn), cmd).await
+        }
+        Top::Cache { cmd } => {
+            let copts = dsync_client::cache::CacheOptions {
+                conn: opts,
+                near_cache: false,
+                ..Default::default()
+            };
+            let client = dsync_client::CacheClient::with_options(endpoints([7021, 7022, 7023]), copts)?;
+            cache(&client, cmd).await
         }
         Top::Lock { cmd } => {
             let client = LockClient::with_options(endpoints([7001, 7002, 7003]), opts)?;
@@ -604,6 +654,86 @@ async fn session(client: &LockClient, cmd: SessionCmd) -> Result<(), Status> {
                     "session={}\tname={}\tttl_ms={}\texpires_at_ms={}\tlocks={}\twaits={}",
                     s.session_id, s.client_name, s.ttl_ms, s.expires_at_ms, s.locks_held, s.waits
                 );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cache(c: &dsync_client::CacheClient, cmd: CacheCmd) -> Result<(), Status> {
+    use dsync_client::cache::SetOptions;
+    match cmd {
+        CacheCmd::Get { key, verbose } => {
+            let (e, src) = c.get_with_source(&key).await?;
+            let Some(e) = e else {
+                return Err(proto::status::error(
+                    tonic::Code::NotFound,
+                    format!("{key} is not set"),
+                    "KEY_NOT_FOUND",
+                    [] as [(String, String); 0],
+                ));
+            };
+            println!("{}", String::from_utf8_lossy(&e.value));
+            if verbose {
+                let ttl = e.ttl.map_or("none".to_string(), |t| format!("{} ms", t.as_millis()));
+                eprintln!("version {}  ttl {ttl}  from {src:?}", e.version);
+            }
+        }
+        CacheCmd::Set {
+            key,
+            value,
+            ttl_ms,
+            if_version,
+        } => {
+            let opts = SetOptions {
+                ttl: (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms)),
+                if_version,
+            };
+            let v = c.set_with(&key, value.into_bytes(), opts).await?;
+            println!("version {v}");
+        }
+        CacheCmd::Delete { key, if_version } => {
+            let existed = c.delete_if(&key, if_version).await?;
+            println!("{}", if existed { "deleted" } else { "absent" });
+        }
+        CacheCmd::Invalidate { key } => {
+            let nodes = c.invalidate(&key).await?;
+            let names: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+            println!("dropped on nodes: [{}]", names.join(", "));
+        }
+        CacheCmd::Status => {
+            let mut answered = 0;
+            println!(
+                "{:<22} {:>4} {:>6} {:>7} {:>9} {:>10} {:>8} {:>9} {:>7} {:>5} {:>5} {:>5} {:>9}",
+                "endpoint", "node", "epoch", "member", "entries", "size", "util", "hit_rate", "evict", "M", "E", "S", "members"
+            );
+            for (ep, r) in c.status_all().await {
+                match r {
+                    Ok(s) => {
+                        answered += 1;
+                        let st = s.stats.unwrap_or_default();
+                        let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
+                        println!(
+                            "{ep:<22} {:>4} {:>6} {:>7} {:>9} {:>10} {:>7.1}% {:>8.1}% {:>7} {:>5} {:>5} {:>5} {:>9}",
+                            st.node_id,
+                            s.epoch,
+                            s.member,
+                            st.entries,
+                            st.size_bytes,
+                            st.utilization * 100.0,
+                            st.hit_rate * 100.0,
+                            st.evictions,
+                            st.lines_modified,
+                            st.lines_exclusive,
+                            st.lines_shared,
+                            members.join(",")
+                        );
+                    }
+                    Err(e) => println!("{ep:<22} unreachable: {}", e.message()),
+                }
+            }
+            if answered == 0 {
+                return Err(Status::unavailable("no cache node answered"));
             }
         }
     }
