@@ -1,14 +1,16 @@
-//! `cargo xtask e2e [lock|queue] [SECONDS]`: each service's three-replica
-//! cluster in Docker, driven by the Rust client under faults — lock-svc
-//! (this file), then queue-svc (`e2e_queue.rs`); one of them if named.
+//! `cargo xtask e2e [lock|queue|cache] [SECONDS]`: each service's
+//! three-replica cluster in Docker, driven by the Rust client under faults
+//! — lock-svc (this file), then queue-svc (`e2e_queue.rs`), then cache-svc
+//! (`e2e_cache.rs`); one of them if named.
 //!
 //! The replicas run as containers named like a StatefulSet's pods
-//! (`lock-svc-0..2`, `queue-svc-0..2`) on a private `--internal` network,
-//! configured exactly as in Kubernetes (pod name, replica count, peer
-//! template). The load driver (`dsync-e2e`, see crates/e2e) runs in a
-//! fourth container on the same network, checks safety itself and prints
-//! the wall-clock time of every success, which this orchestrator reads
-//! back to tell how long service paused after each fault it injected.
+//! (`lock-svc-0..2`, `queue-svc-0..2`, `cache-svc-0..2`) on a private
+//! `--internal` network, configured exactly as in Kubernetes (pod name,
+//! replica count, peer template). The load driver (`dsync-e2e`, see
+//! crates/e2e) runs in a fourth container on the same network, checks
+//! safety itself and prints the wall-clock time of every success, which
+//! this orchestrator reads back to tell how long service paused after each
+//! fault it injected.
 //!
 //! The lock-svc scenario (`dsync-e2e load`):
 //! 1. disconnects the leader's container from the network: the majority
@@ -484,6 +486,7 @@ type Scenario = fn(&Env, u64) -> Result;
 const SCENARIOS: &[(&str, Scenario)] = &[
     ("lock-svc", lock_scenario),
     ("queue-svc", crate::e2e_queue::scenario),
+    ("cache-svc", crate::e2e_cache::scenario),
 ];
 
 /// Every scenario, each driven for `seconds`.
@@ -491,7 +494,7 @@ pub fn run(seconds: u64) -> Result {
     run_some(&[], seconds)
 }
 
-/// `cargo xtask e2e [lock|queue] [SECONDS]`.
+/// `cargo xtask e2e [lock|queue|cache] [SECONDS]`.
 pub fn run_cli(args: &[String]) -> Result {
     let mut only = Vec::new();
     let mut seconds = crate::E2E_SECONDS;
@@ -505,7 +508,7 @@ pub fn run_cli(args: &[String]) -> Result {
             only.push(*svc);
         } else {
             return Err(format!(
-                "usage: cargo xtask e2e [lock|queue] [SECONDS]; not understood: {a}"
+                "usage: cargo xtask e2e [lock|queue|cache] [SECONDS]; not understood: {a}"
             ));
         }
     }

@@ -49,6 +49,15 @@ pub const IMAGES: &[Image] = &[
         port: Some(7001),
     },
     Image {
+        name: "cache-svc",
+        bins: &["cache-svc", "dsync"],
+        env: &[
+            ("DSYNC_LISTEN", "0.0.0.0:7001"),
+            ("DSYNC_DATA_DIR", "/var/lib/dsync"),
+        ],
+        port: Some(7001),
+    },
+    Image {
         name: "e2e",
         bins: &["dsync-e2e"],
         env: &[],
@@ -104,6 +113,8 @@ pub fn build_all() -> Result {
         "lock-svc",
         "-p",
         "queue-svc",
+        "-p",
+        "cache-svc",
         "-p",
         "client",
         "-p",

@@ -7,6 +7,7 @@
 //! Each subcommand shells out to cargo with the workspace's shared target dir.
 
 mod e2e;
+mod e2e_cache;
 mod e2e_queue;
 mod image;
 mod manifests;
@@ -37,8 +38,8 @@ fn main() -> ExitCode {
                  up [DATA_DIR]        three replicas of every service on 127.0.0.1\n  \
                  manifests            write k8s/ (generated Kubernetes manifests)\n  \
                  image                build the images (from scratch) into Docker + OCI archives\n  \
-                 e2e [lock|queue] [SECONDS]  each service's three replicas in Docker under\n  \
-                                      partitions and kills (both services unless one is named)\n  \
+                 e2e [lock|queue|cache] [SECONDS]  each service's three replicas in Docker\n  \
+                                      under partitions and kills (every service unless one is named)\n  \
                  validate-manifests   check k8s/ against the Kubernetes schemas (offline)"
             );
             return if cmd == "help" {
@@ -99,6 +100,8 @@ fn test(extra: &[String]) -> Result {
         "warnings",
     ]);
     run(clippy)?;
+    // cache-svc's tests run a real redis-server (Debian package).
+    install_deb("redis-server", "redis-server")?;
     let mut t = cargo();
     t.args(["test", "--workspace"]).args(extra);
     run(t)?;
@@ -212,6 +215,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("consensus", "consensus", "consensus_bench"),
     ("lock", "lock-svc", "lock_bench"),
     ("queue", "queue-svc", "queue_bench"),
+    ("cache", "cache-svc", "cache_bench"),
 ];
 
 fn bench(args: &[String]) -> Result {
@@ -238,6 +242,14 @@ fn bench(args: &[String]) -> Result {
         run(b)?;
         install_nats_server();
     }
+    if *what == "cache" {
+        // Three nodes as processes, with redis-server behind them and
+        // alone beside them.
+        let mut b = cargo();
+        b.args(["build", "--release", "-p", "cache-svc", "--bin", "cache-svc"]);
+        run(b)?;
+        install_deb("redis-server", "redis-server")?;
+    }
     let mut c = cargo();
     c.args(["run", "--release", "-p", krate, "--example", example, "--"])
         .args(rest);
@@ -247,23 +259,32 @@ fn bench(args: &[String]) -> Result {
 /// Installs Debian's nats-server for the JetStream comparison when it is
 /// missing and apt can (root); otherwise the bench runs without it.
 fn install_nats_server() {
-    let present = Command::new("nats-server")
+    if let Err(e) = install_deb("nats-server", "nats-server") {
+        eprintln!("xtask bench: {e}; JetStream rows skipped");
+    }
+}
+
+/// Installs Debian package `package` unless `binary` already runs.
+fn install_deb(binary: &str, package: &str) -> Result {
+    let present = Command::new(binary)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if present {
-        return;
+        return Ok(());
     }
     let mut apt = Command::new("apt-get");
-    apt.args(["install", "-y", "-q", "nats-server"]);
-    if let Err(e) = run(apt) {
-        eprintln!("xtask bench: could not install nats-server ({e}); JetStream rows skipped");
-    }
+    apt.args(["install", "-y", "-q", package]);
+    run(apt).map_err(|e| format!("could not install {package} ({e})"))
 }
 
 /// The services `up` starts: (binary, first gRPC port, first metrics port).
 /// Three replicas each, on consecutive ports. A new service is one line.
-const SERVICES: &[(&str, u16, u16)] = &[("lock-svc", 7001, 9101), ("queue-svc", 7011, 9111)];
+const SERVICES: &[(&str, u16, u16)] = &[
+    ("lock-svc", 7001, 9101),
+    ("queue-svc", 7011, 9111),
+    ("cache-svc", 7021, 9121),
+];
 
 fn up(args: &[String]) -> Result {
     let data = root().join(args.first().map(String::as_str).unwrap_or("data"));
@@ -306,7 +327,9 @@ fn up(args: &[String]) -> Result {
          target/release/dsync lock status orders/42\n  \
          target/release/dsync session list\n  \
          target/release/dsync cluster status\n  \
-         grpcurl -plaintext -d '{{\"name\":\"orders\",\"config\":{{\"partitions\":3}}}}' 127.0.0.1:7011 dsync.queue.v1.QueueService/CreateTopic\n\
+         target/release/dsync queue create-topic orders --partitions 3\n  \
+         target/release/dsync cache set user:7 Ada && target/release/dsync cache get user:7 --verbose\n  \
+         target/release/dsync cache status\n\
          Ctrl-C stops the cluster (the replicas get SIGINT and shut down cleanly)."
     );
     let mut failed = false;

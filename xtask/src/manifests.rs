@@ -8,7 +8,8 @@
 //! Prometheus scrape annotations), a headless Service that publishes
 //! not-ready addresses (replicas must find each other before they are
 //! ready), a client Service, a PodDisruptionBudget allowing one replica down,
-//! and a ConfigMap with the `DSYNC_*` settings.
+//! and a ConfigMap with the `DSYNC_*` settings (the common ones, then the
+//! service's own: [`Service::config`]).
 
 use std::path::Path;
 
@@ -19,6 +20,12 @@ pub struct Service {
     pub grpc_service: &'static str,
     pub port: u16,
     pub metrics_port: u16,
+    /// The container's memory request and limit.
+    pub memory_request: &'static str,
+    pub memory_limit: &'static str,
+    /// ConfigMap `data` lines of the service's own settings, after the
+    /// common ones: YAML, each line indented two spaces (comments allowed).
+    pub config: &'static str,
 }
 
 /// Every service listens on the same ports inside its own pods (its
@@ -30,14 +37,52 @@ pub const SERVICES: &[Service] = &[
         grpc_service: "dsync.lock.v1.LockService",
         port: 7001,
         metrics_port: 9090,
+        memory_request: "256Mi",
+        memory_limit: "1Gi",
+        config: "",
     },
     Service {
         name: "queue-svc",
         grpc_service: "dsync.queue.v1.QueueService",
         port: 7001,
         metrics_port: 9090,
+        memory_request: "256Mi",
+        memory_limit: "1Gi",
+        config: "",
+    },
+    Service {
+        name: "cache-svc",
+        grpc_service: "dsync.cache.v1.CacheService",
+        port: 7001,
+        metrics_port: 9090,
+        memory_request: "512Mi",
+        memory_limit: "512Mi",
+        config: CACHE_CONFIG,
     },
 ];
+
+/// cache-svc's settings (see `cache-svc --help`). `DSYNC_MEMORY_LIMIT_MB`
+/// is half the container's memory limit: a test checks it fits.
+const CACHE_CONFIG: &str = r#"  # Backing store behind the cache. `embedded`: a Raft-replicated store
+  # inside the cache pods (nothing else to run; every pod keeps the whole
+  # data set in memory, besides its cached lines). To put Redis behind the
+  # cache instead, set `redis://host:6379[/db]` or, for Redis Cluster,
+  # `redis+cluster://h1:p1,h2:p2` (a URL with a password belongs in a
+  # Secret: set DSYNC_STORE from it in the StatefulSet's `env`).
+  DSYNC_STORE: embedded
+  # `through`: a write is in the store before it is acknowledged. `back`:
+  # acknowledged first, stored DSYNC_WRITE_BEHIND_MS later by the key's home
+  # (a crash of that pod loses writes not stored yet).
+  DSYNC_WRITE_POLICY: through
+  # Memory for cached lines (keys, values, overhead) in MiB: half the
+  # container's memory limit (512Mi); the rest is the runtime, Raft and, with
+  # the embedded store, the data set. Change both together.
+  DSYNC_MEMORY_LIMIT_MB: "256"
+  # Member lease (also the near-cache lease given to clients): a pod serves
+  # only while it confirmed its membership at most this long ago, and a
+  # membership change waits this long before the new epoch serves.
+  DSYNC_LEASE_MS: "1500"
+"#;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -137,11 +182,13 @@ fn configmap(s: &Service) -> String {
            DSYNC_INITIAL_REPLICAS: \"3\"\n  \
            DSYNC_PEER_TEMPLATE: \"{name}-{{ordinal}}.{name}-headless:{port}\"\n  \
            DSYNC_LOG_FORMAT: json\n  \
-           RUST_LOG: info,raft=warn\n",
+           RUST_LOG: info,raft=warn\n\
+         {config}",
         header(s, "ConfigMap"),
         port = s.port,
         metrics = s.metrics_port,
         name = s.name,
+        config = s.config,
     )
 }
 
@@ -261,9 +308,9 @@ fn statefulset(s: &Service) -> String {
           resources:
             requests:
               cpu: 250m
-              memory: 256Mi
+              memory: {memory_request}
             limits:
-              memory: 1Gi
+              memory: {memory_limit}
           securityContext:
             allowPrivilegeEscalation: false
             readOnlyRootFilesystem: true
@@ -288,6 +335,8 @@ fn statefulset(s: &Service) -> String {
         port = s.port,
         metrics = s.metrics_port,
         grpc_service = s.grpc_service,
+        memory_request = s.memory_request,
+        memory_limit = s.memory_limit,
     )
 }
 
@@ -304,6 +353,45 @@ mod tests {
             stale.is_empty(),
             "k8s/ is out of date ({stale:?}); run `cargo xtask manifests` and commit"
         );
+    }
+
+    /// MiB in a Kubernetes quantity such as "512Mi" or "1Gi".
+    fn mib(quantity: &str) -> u64 {
+        if let Some(n) = quantity.strip_suffix("Gi") {
+            n.parse::<u64>().unwrap() * 1024
+        } else {
+            quantity.strip_suffix("Mi").unwrap().parse().unwrap()
+        }
+    }
+
+    /// A service's cache memory (`DSYNC_MEMORY_LIMIT_MB`) is at most half
+    /// its container's memory limit, and the request does not exceed the
+    /// limit.
+    #[test]
+    fn memory_settings_fit_the_container() {
+        for s in SERVICES {
+            let limit = mib(s.memory_limit);
+            assert!(mib(s.memory_request) <= limit, "{}", s.name);
+            if let Some(line) = s
+                .config
+                .lines()
+                .find(|l| l.trim_start().starts_with("DSYNC_MEMORY_LIMIT_MB:"))
+            {
+                let mb: u64 = line
+                    .split_once(':')
+                    .unwrap()
+                    .1
+                    .trim()
+                    .trim_matches('"')
+                    .parse()
+                    .unwrap();
+                assert!(
+                    mb > 0 && mb * 2 <= limit,
+                    "{}: DSYNC_MEMORY_LIMIT_MB {mb} does not fit a {limit} MiB container",
+                    s.name
+                );
+            }
+        }
     }
 
     #[test]

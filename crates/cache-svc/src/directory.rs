@@ -58,6 +58,35 @@ pub struct Holder {
 pub struct Known {
     pub found: bool,
     pub version: u64,
+    /// Unix ms; 0 = none.
+    pub expires_at_ms: u64,
+}
+
+impl Known {
+    pub fn of(e: &crate::store::Entry) -> Self {
+        Self {
+            found: e.found,
+            version: e.version,
+            expires_at_ms: e.expires_at_ms,
+        }
+    }
+
+    pub fn absent() -> Self {
+        Self {
+            found: false,
+            version: 0,
+            expires_at_ms: 0,
+        }
+    }
+
+    /// As of `now_ms`: an entry past its TTL is absent (version 0).
+    pub fn at(self, now_ms: u64) -> Self {
+        if self.found && self.expires_at_ms != 0 && self.expires_at_ms <= now_ms {
+            Self::absent()
+        } else {
+            self
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -218,7 +247,7 @@ mod tests {
     #[test]
     fn modified_holder_is_found_and_downgraded_on_fill() {
         let mut d = DirEntry::default();
-        d.written(1, Some(h(State::Modified, 7)), Some(Known { found: true, version: 3 }));
+        d.written(1, Some(h(State::Modified, 7)), Some(Known { found: true, version: 3, expires_at_ms: 0 }));
         assert_eq!(d.modified(), Some(1));
         // M → S after write-back; the reader gets S.
         d.downgraded(1, true);
@@ -235,12 +264,12 @@ mod tests {
         assert_eq!(d.others(None), vec![1, 2, 3]);
         assert_eq!(d.others(Some(2)), vec![1, 3]);
         // S → I everywhere, writer gets E (write-through) …
-        d.written(2, Some(h(State::Exclusive, 4)), Some(Known { found: true, version: 9 }));
+        d.written(2, Some(h(State::Exclusive, 4)), Some(Known { found: true, version: 9, expires_at_ms: 0 }));
         assert_eq!(d.holders.len(), 1);
         assert_eq!(d.holders[&2].state, State::Exclusive);
-        assert_eq!(d.known, Some(Known { found: true, version: 9 }));
+        assert_eq!(d.known, Some(Known { found: true, version: 9, expires_at_ms: 0 }));
         // … or nothing (a delete, an invalidate).
-        d.written(2, None, Some(Known { found: false, version: 0 }));
+        d.written(2, None, Some(Known::absent()));
         assert!(d.is_idle());
     }
 
@@ -267,7 +296,7 @@ mod tests {
             version: 3,
             expires_at_ms: 0,
         };
-        d.written(1, Some(h(State::Modified, 5)), Some(Known { found: true, version: 3 }));
+        d.written(1, Some(h(State::Modified, 5)), Some(Known { found: true, version: 3, expires_at_ms: 0 }));
         d.dirty = Some(e);
         // The M line is evicted: the holder goes, the entry stays (dirty).
         assert_eq!(d.release(1, 5), Released::Dropped);
@@ -276,6 +305,15 @@ mod tests {
         // Stored by the flush: now it may go.
         d.dirty = None;
         assert!(d.is_idle());
+    }
+
+    #[test]
+    fn known_entries_expire() {
+        let k = Known { found: true, version: 4, expires_at_ms: 1000 };
+        assert_eq!(k.at(999), k);
+        assert_eq!(k.at(1000), Known::absent());
+        let forever = Known { found: true, version: 4, expires_at_ms: 0 };
+        assert_eq!(forever.at(u64::MAX), forever);
     }
 
     #[test]

@@ -741,13 +741,13 @@ impl CacheNode {
         self.settle_modified(&ep, &key).await?;
         // A dirty value (write-back) is the current one.
         let mut found = self.dir_entry(&key).dirty.map(|e| (e, 1u32));
-        if found.is_none() && !req.refresh {
-            if let Some(x) = self.dir_entry(&key).exclusive_other_than(from) {
-                let r = self.recall(&ep, x, &key, LineState::Shared).await?;
-                self.dir_update(&key, |d| d.downgraded(x, r.had));
-                if r.had {
-                    found = Some((Entry::from_proto(r.entry), 1));
-                }
+        // An Exclusive holder becomes Shared (a refresh too, so E stays
+        // the only copy); its line supplies the value unless refreshing.
+        if let Some(x) = self.dir_entry(&key).exclusive_other_than(from) {
+            let r = self.recall(&ep, x, &key, LineState::Shared).await?;
+            self.dir_update(&key, |d| d.downgraded(x, r.had));
+            if r.had && found.is_none() && !req.refresh {
+                found = Some((Entry::from_proto(r.entry), 1));
             }
         }
         if found.is_none() && !req.refresh && from != self.me {
@@ -803,10 +803,7 @@ impl CacheNode {
                 incarnation: from_inc,
             },
         );
-        d.known = Some(Known {
-            found: entry.found,
-            version: entry.version,
-        });
+        d.known = Some(Known::of(&entry));
         tracing::trace!(node = self.me, key = ?key, from, ?state, grant, holders = ?d.holders.keys().collect::<Vec<_>>(), "granted");
         self.dir.lock().insert(key.clone(), d);
         Ok(LineGrant {
@@ -832,14 +829,8 @@ impl CacheNode {
         };
         let op = req.op();
         let cur = match self.dir_entry(&key).known {
-            Some(k) => k,
-            None => {
-                let e = self.store.get(&key).await.map_err(store_status)?;
-                Known {
-                    found: e.found,
-                    version: e.version,
-                }
-            }
+            Some(k) => k.at(now_ms()),
+            None => Known::of(&self.store.get(&key).await.map_err(store_status)?),
         };
         if let Some(v) = req.if_version {
             if v != cur.version {
@@ -906,7 +897,7 @@ impl CacheNode {
                 }
                 self.require_lease_after_store(req.epoch, &key)?;
                 self.dir_update(&key, |d| {
-                    d.written(from, None, Some(Known { found: false, version: 0 }))
+                    d.written(from, None, Some(Known::absent()))
                 });
                 reply.existed = cur.found;
             }
@@ -946,10 +937,7 @@ impl CacheNode {
                             grant,
                             incarnation: from_inc,
                         }),
-                        Some(Known {
-                            found: true,
-                            version: entry.version,
-                        }),
+                        Some(Known::of(&entry)),
                     )
                 });
                 if back {

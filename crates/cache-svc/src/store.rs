@@ -360,10 +360,12 @@ impl BackingStore for EmbeddedStore {
 
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, StoreResult<Entry>> {
         Box::pin(async move {
-            self.group
-                .read_index()
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let t = std::time::Instant::now();
+            let r = self.group.read_index().await;
+            if t.elapsed() > std::time::Duration::from_secs(1) {
+                tracing::warn!(took = ?t.elapsed(), ok = r.is_ok(), status = ?self.group.status().leader, "slow embedded read_index");
+            }
+            r.map_err(|e| StoreError::Unavailable(e.to_string()))?;
             Ok(self.state.read().get(key, now_ms()))
         })
     }

@@ -131,6 +131,10 @@ pub(crate) struct Driver {
     pending: BTreeMap<u64, Pending>,
     /// read_index requests by their context id, until raft-rs confirms them.
     reads: HashMap<u64, (Instant, Reply<u64>)>,
+    /// When each unconfirmed read was last (re)sent: a read request, or
+    /// its answer, lost in transit (raft-rs also drops one that reaches a
+    /// leader before it committed in its term) is never retried by raft-rs.
+    reads_sent: HashMap<u64, Instant>,
     /// Confirmed reads waiting for `applied` to reach their index.
     ready_reads: Vec<(u64, Reply<u64>)>,
     next_read_id: u64,
@@ -180,6 +184,7 @@ impl Driver {
             snapshot_waiters: Vec::new(),
             pending: BTreeMap::new(),
             reads: HashMap::new(),
+            reads_sent: HashMap::new(),
             ready_reads: Vec::new(),
             next_read_id: 0,
             transfers: Vec::new(),
@@ -273,6 +278,7 @@ impl Driver {
                     self.next_read_id += 1;
                     let id = self.next_read_id;
                     self.reads.insert(id, (deadline, reply));
+                    self.reads_sent.insert(id, Instant::now());
                     self.raw.read_index(id.to_be_bytes().to_vec());
                 }
             }
@@ -385,6 +391,22 @@ impl Driver {
     }
 
     fn expire(&mut self, now: Instant) {
+        // Re-send reads unconfirmed for a while (raft-rs ignores a
+        // duplicate of one it still holds).
+        let resend = Duration::from_millis(150);
+        self.reads_sent.retain(|id, _| self.reads.contains_key(id));
+        let due: Vec<u64> = self
+            .reads_sent
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= resend)
+            .map(|(id, _)| *id)
+            .collect();
+        if self.raw.raft.leader_id != raft::INVALID_ID {
+            for id in due {
+                self.reads_sent.insert(id, now);
+                self.raw.read_index(id.to_be_bytes().to_vec());
+            }
+        }
         let expired: Vec<u64> = self
             .pending
             .iter()

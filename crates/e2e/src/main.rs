@@ -1,6 +1,7 @@
-//! `dsync-e2e load` and `dsync-e2e queue-load`: the client side of the
-//! Docker end-to-end tests. `queue-load` drives queue-svc (see
-//! [`queue`]); the rest of this page is about `load`, for lock-svc.
+//! `dsync-e2e load`, `dsync-e2e queue-load` and `dsync-e2e cache-load`:
+//! the client side of the Docker end-to-end tests. `queue-load` drives
+//! queue-svc (see [`queue`]), `cache-load` cache-svc (see [`cache`]); the
+//! rest of this page is about `load`, for lock-svc.
 //!
 //! Runs inside a container on the cluster's private network while
 //! `cargo xtask e2e` cuts the leader off, reconnects it, kills and restarts
@@ -29,6 +30,7 @@ use clap::Parser;
 use dsync_client::{LockClient, LockMode, Options};
 use parking_lot::Mutex;
 
+mod cache;
 mod queue;
 
 #[derive(Parser)]
@@ -53,6 +55,9 @@ enum Cmd {
     },
     /// Drive queue-svc and check delivery (see the `queue` module docs).
     QueueLoad(queue::Args),
+    /// Drive cache-svc and check linearizability (see the `cache` module
+    /// docs).
+    CacheLoad(cache::Args),
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +98,7 @@ async fn main() {
             markers,
         } => load(endpoints, seconds, workers, markers).await,
         Cmd::QueueLoad(args) => queue::load(args).await,
+        Cmd::CacheLoad(args) => cache::load(args).await,
     };
     match res {
         Ok(true) => println!("result=pass"),

@@ -2,7 +2,9 @@
 //! with a real `redis-server` behind them, against `redis-server` alone
 //! under the same client load.
 //!
-//! Load: `--clients` closed-loop clients (each its own connection; spread
+//! Load: `--clients` closed-loop clients in `--apps` client processes
+//! (each app one `CacheClient` — one connection to one node, one near
+//! cache — or one Redis connection, shared by its clients; apps spread
 //! over the three nodes), keys drawn from a Zipf distribution (s = 0.99)
 //! over `--keys`, `--read-pct` reads, `--value-bytes` values. Rows:
 //! - dsync without near cache (every read is a gRPC call to a node);
@@ -28,6 +30,9 @@ use rand::{RngExt, SeedableRng};
 struct Args {
     seconds: u64,
     clients: usize,
+    /// Client processes ("apps"): each one `CacheClient` (one connection,
+    /// one near cache) or one Redis connection, shared by its clients.
+    apps: usize,
     keys: usize,
     value_bytes: usize,
     read_pct: u32,
@@ -38,6 +43,7 @@ fn parse() -> Args {
     let mut a = Args {
         seconds: 10,
         clients: 32,
+        apps: 4,
         keys: 100_000,
         value_bytes: 1024,
         read_pct: 90,
@@ -50,12 +56,13 @@ fn parse() -> Args {
         match argv[i].as_str() {
             "--seconds" => a.seconds = v.parse().expect("--seconds N"),
             "--clients" => a.clients = v.parse().expect("--clients N"),
+            "--apps" => a.apps = v.parse().expect("--apps N"),
             "--keys" => a.keys = v.parse().expect("--keys N"),
             "--value-bytes" => a.value_bytes = v.parse().expect("--value-bytes N"),
             "--read-pct" => a.read_pct = v.parse().expect("--read-pct N"),
             "--zipf" => a.zipf = v.parse().expect("--zipf S"),
             other => panic!(
-                "unknown argument {other}; use --seconds --clients --keys --value-bytes --read-pct --zipf"
+                "unknown argument {other}; use --seconds --clients --apps --keys --value-bytes --read-pct --zipf"
             ),
         }
         i += 2;
@@ -298,27 +305,43 @@ async fn dsync_phase(
     zipf: &Arc<Zipf>,
     endpoints: &[String],
     near: bool,
+    warm: bool,
     name: &str,
 ) -> Row {
     let value = bytes::Bytes::from(vec![b'x'; a.value_bytes]);
+    let apps: Vec<CacheClient> = (0..a.apps.max(1))
+        .map(|i| {
+            CacheClient::with_options(
+                [endpoints[i % endpoints.len()].clone()],
+                CacheOptions {
+                    near_cache: near,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        })
+        .collect();
     let clients: Arc<Vec<CacheClient>> = Arc::new(
         (0..a.clients)
-            .map(|i| {
-                CacheClient::with_options(
-                    [endpoints[i % endpoints.len()].clone()],
-                    CacheOptions {
-                        near_cache: near,
-                        ..Default::default()
-                    },
-                )
-                .unwrap()
-            })
+            .map(|i| apps[i % apps.len()].clone())
             .collect(),
     );
     if near {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !clients.iter().all(|c| c.near_cache_live()) && Instant::now() < deadline {
+        while !apps.iter().all(|c| c.near_cache_live()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Warm: every key read once through each node, so the rows measure a
+    // steady state rather than first touches.
+    if warm {
+        for ep in endpoints {
+            let c = CacheClient::with_options([ep.clone()], CacheOptions { near_cache: false, ..Default::default() }).unwrap();
+            let keys: Vec<Vec<u8>> = (0..a.keys).map(|k| format!("key-{k}").into_bytes()).collect();
+            for chunk in keys.chunks(500) {
+                let refs: Vec<&[u8]> = chunk.iter().map(|k| k.as_slice()).collect();
+                let _ = c.batch_get(&refs).await;
+            }
         }
     }
     let before = node_counters(&clients[0]).await;
@@ -345,7 +368,7 @@ async fn dsync_phase(
     let after = node_counters(&clients[0]).await;
     let (ratio, local) = hit_ratio(before, after);
     let (mut nh, mut nm) = (0, 0);
-    for c in clients.iter() {
+    for c in apps.iter() {
         let s = c.near_stats();
         nh += s.hits;
         nm += s.misses;
@@ -377,11 +400,11 @@ async fn dsync_phase(
 async fn redis_phase(a: &Args, zipf: &Arc<Zipf>, port: u16) -> Row {
     let value = vec![b'x'; a.value_bytes];
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let mut conns = Vec::new();
-    for _ in 0..a.clients {
-        conns.push(client.get_multiplexed_async_connection().await.unwrap());
+    let mut apps = Vec::new();
+    for _ in 0..a.apps.max(1) {
+        apps.push(client.get_multiplexed_async_connection().await.unwrap());
     }
-    let conns = Arc::new(conns);
+    let conns: Arc<Vec<_>> = Arc::new((0..a.clients).map(|i| apps[i % apps.len()].clone()).collect());
     let (ops, gets, sets) = drive(a, zipf, a.seconds, move |c, key, read| {
         let mut conn = conns[c].clone();
         let value = value.clone();
@@ -467,8 +490,8 @@ async fn main() {
     let zipf = Arc::new(Zipf::new(a.keys, a.zipf));
     let dir = tempfile::tempdir().unwrap();
     println!(
-        "cache bench: {} clients, {} keys Zipf(s={}), {}% reads, {} B values, {} s per row; 3 cache-svc nodes (processes) with redis-server behind them",
-        a.clients, a.keys, a.zipf, a.read_pct, a.value_bytes, a.seconds
+        "cache bench: {} clients in {} apps, {} keys Zipf(s={}), {}% reads, {} B values, {} s per row; 3 cache-svc nodes (processes) with redis-server behind them",
+        a.clients, a.apps, a.keys, a.zipf, a.read_pct, a.value_bytes, a.seconds
     );
     println!(
         "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
@@ -488,9 +511,9 @@ async fn main() {
     let url = format!("redis://127.0.0.1:{port}");
     {
         let (_nodes, eps) = start_dsync(&dir.path().join("d1"), &url, &[]).await;
-        let r = dsync_phase(&a, &zipf, &eps, false, "dsync via gRPC (no near cache)").await;
+        let r = dsync_phase(&a, &zipf, &eps, false, true, "dsync via gRPC (no near cache)").await;
         print_row(&r, Some(&base));
-        let r = dsync_phase(&a, &zipf, &eps, true, "dsync with near cache (L1)").await;
+        let r = dsync_phase(&a, &zipf, &eps, true, false, "dsync with near cache (L1)").await;
         print_row(&r, Some(&base));
         let (p50, p99, hits) = near_latency(&eps, &zipf).await;
         println!(
@@ -506,7 +529,7 @@ async fn main() {
             ("DSYNC_REFRESH_AHEAD", refresh.to_string()),
         ];
         let (_nodes, eps) = start_dsync(&dir.path().join(format!("rf{refresh}")), &url, &extra).await;
-        let r = dsync_phase(&a, &zipf, &eps, false, name).await;
+        let r = dsync_phase(&a, &zipf, &eps, false, true, name).await;
         print_row(&r, Some(&base));
     }
 }
