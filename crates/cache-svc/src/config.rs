@@ -43,7 +43,12 @@ pub struct CacheFlags {
     /// or `embedded` (a Raft-replicated store inside the nodes).
     #[arg(long, env = "DSYNC_STORE", default_value = "embedded")]
     pub store: String,
-    #[arg(long, env = "DSYNC_WRITE_POLICY", value_enum, default_value = "through")]
+    #[arg(
+        long,
+        env = "DSYNC_WRITE_POLICY",
+        value_enum,
+        default_value = "through"
+    )]
     pub write_policy: WritePolicy,
     /// Write-back: how long a dirty value waits before it is stored.
     #[arg(long, env = "DSYNC_WRITE_BEHIND_MS", default_value_t = 100)]

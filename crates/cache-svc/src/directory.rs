@@ -140,8 +140,7 @@ impl DirEntry {
     /// Records a grant to `node` (replacing its previous one).
     pub fn grant(&mut self, node: u64, holder: Holder) {
         debug_assert!(
-            holder.state == State::Shared
-                || self.holders.keys().all(|n| *n == node),
+            holder.state == State::Shared || self.holders.keys().all(|n| *n == node),
             "an exclusive grant while others hold copies"
         );
         self.holders.insert(node, holder);
@@ -247,7 +246,15 @@ mod tests {
     #[test]
     fn modified_holder_is_found_and_downgraded_on_fill() {
         let mut d = DirEntry::default();
-        d.written(1, Some(h(State::Modified, 7)), Some(Known { found: true, version: 3, expires_at_ms: 0 }));
+        d.written(
+            1,
+            Some(h(State::Modified, 7)),
+            Some(Known {
+                found: true,
+                version: 3,
+                expires_at_ms: 0,
+            }),
+        );
         assert_eq!(d.modified(), Some(1));
         // M → S after write-back; the reader gets S.
         d.downgraded(1, true);
@@ -264,10 +271,25 @@ mod tests {
         assert_eq!(d.others(None), vec![1, 2, 3]);
         assert_eq!(d.others(Some(2)), vec![1, 3]);
         // S → I everywhere, writer gets E (write-through) …
-        d.written(2, Some(h(State::Exclusive, 4)), Some(Known { found: true, version: 9, expires_at_ms: 0 }));
+        d.written(
+            2,
+            Some(h(State::Exclusive, 4)),
+            Some(Known {
+                found: true,
+                version: 9,
+                expires_at_ms: 0,
+            }),
+        );
         assert_eq!(d.holders.len(), 1);
         assert_eq!(d.holders[&2].state, State::Exclusive);
-        assert_eq!(d.known, Some(Known { found: true, version: 9, expires_at_ms: 0 }));
+        assert_eq!(
+            d.known,
+            Some(Known {
+                found: true,
+                version: 9,
+                expires_at_ms: 0
+            })
+        );
         // … or nothing (a delete, an invalidate).
         d.written(2, None, Some(Known::absent()));
         assert!(d.is_idle());
@@ -296,7 +318,15 @@ mod tests {
             version: 3,
             expires_at_ms: 0,
         };
-        d.written(1, Some(h(State::Modified, 5)), Some(Known { found: true, version: 3, expires_at_ms: 0 }));
+        d.written(
+            1,
+            Some(h(State::Modified, 5)),
+            Some(Known {
+                found: true,
+                version: 3,
+                expires_at_ms: 0,
+            }),
+        );
         d.dirty = Some(e);
         // The M line is evicted: the holder goes, the entry stays (dirty).
         assert_eq!(d.release(1, 5), Released::Dropped);
@@ -309,10 +339,18 @@ mod tests {
 
     #[test]
     fn known_entries_expire() {
-        let k = Known { found: true, version: 4, expires_at_ms: 1000 };
+        let k = Known {
+            found: true,
+            version: 4,
+            expires_at_ms: 1000,
+        };
         assert_eq!(k.at(999), k);
         assert_eq!(k.at(1000), Known::absent());
-        let forever = Known { found: true, version: 4, expires_at_ms: 0 };
+        let forever = Known {
+            found: true,
+            version: 4,
+            expires_at_ms: 0,
+        };
         assert_eq!(forever.at(u64::MAX), forever);
     }
 

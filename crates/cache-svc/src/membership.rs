@@ -144,9 +144,21 @@ mod tests {
         assert_eq!(m.epoch, 2);
         assert_eq!(m.incarnation(1), Some(5));
         // A fence of an older incarnation is moot.
-        assert!(!m.apply(7, &Command::Fence { node: 1, incarnation: 4 }));
+        assert!(!m.apply(
+            7,
+            &Command::Fence {
+                node: 1,
+                incarnation: 4
+            }
+        ));
         assert_eq!(m.epoch, 2);
-        assert!(m.apply(8, &Command::Fence { node: 1, incarnation: 5 }));
+        assert!(m.apply(
+            8,
+            &Command::Fence {
+                node: 1,
+                incarnation: 5
+            }
+        ));
         assert_eq!(m.epoch, 3);
         assert_eq!(m.incarnation(1), None);
         // Rejoining gives a new incarnation.
@@ -161,7 +173,13 @@ mod tests {
             m.apply(i as u64 + 1, &Command::Join { node: n });
         }
         let before = m.view();
-        m.apply(10, &Command::Fence { node: 3, incarnation: 3 });
+        m.apply(
+            10,
+            &Command::Fence {
+                node: 3,
+                incarnation: 3,
+            },
+        );
         let after = m.view();
         let mut moved = 0;
         for i in 0..3000 {

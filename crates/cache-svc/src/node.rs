@@ -525,7 +525,11 @@ impl CacheNode {
                 }
                 Err(unavailable(
                     "HOME_UNREACHABLE",
-                    format!("home node {} of the key did not answer: {}", home.0, s.message()),
+                    format!(
+                        "home node {} of the key did not answer: {}",
+                        home.0,
+                        s.message()
+                    ),
                 ))
             }
             Err(s) => Err(s),
@@ -609,7 +613,13 @@ impl CacheNode {
             if let Ok(r) = &res {
                 if let (Some(state), Some(e)) = (State::from_proto(r.state()), &r.entry) {
                     if clean && self.epoch().view.epoch == ep.view.epoch && r.grant != 0 {
-                        self.install(key, Entry::from_proto(Some(e.clone())), state, r.grant, home);
+                        self.install(
+                            key,
+                            Entry::from_proto(Some(e.clone())),
+                            state,
+                            r.grant,
+                            home,
+                        );
                     }
                 }
             }
@@ -629,7 +639,9 @@ impl CacheNode {
         key: &Bytes,
         to: LineState,
     ) -> Result<RecallReply, Status> {
-        self.stats.invalidations_sent.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .invalidations_sent
+            .fetch_add(1, Ordering::Relaxed);
         if node == self.me {
             let me = self.clone();
             let key = key.clone();
@@ -732,7 +744,10 @@ impl CacheNode {
         let ep = self.check_home(req.epoch, &key)?;
         let from = req.from;
         let Some(&from_inc) = ep.view.members.get(&from) else {
-            return Err(unavailable("NOT_MEMBER", format!("node {from} is not a member")));
+            return Err(unavailable(
+                "NOT_MEMBER",
+                format!("node {from} is not a member"),
+            ));
         };
         let mut self_recalls = 0;
         if self.dir_entry(&key).modified() == Some(from) {
@@ -783,7 +798,13 @@ impl CacheNode {
         if state == State::Shared && from != self.me && !d.holders.contains_key(&self.me) {
             if let Some(my_inc) = ep.incarnation {
                 let g = self.grant_id();
-                self.install(key.clone(), entry.clone(), State::Shared, g, (self.me, my_inc));
+                self.install(
+                    key.clone(),
+                    entry.clone(),
+                    State::Shared,
+                    g,
+                    (self.me, my_inc),
+                );
                 d.grant(
                     self.me,
                     Holder {
@@ -825,7 +846,10 @@ impl CacheNode {
         let ep = self.check_home(req.epoch, &key)?;
         let from = req.from;
         let Some(&from_inc) = ep.view.members.get(&from) else {
-            return Err(unavailable("NOT_MEMBER", format!("node {from} is not a member")));
+            return Err(unavailable(
+                "NOT_MEMBER",
+                format!("node {from} is not a member"),
+            ));
         };
         let op = req.op();
         let cur = match self.dir_entry(&key).known {
@@ -896,9 +920,7 @@ impl CacheNode {
                     return Err(store_status(e));
                 }
                 self.require_lease_after_store(req.epoch, &key)?;
-                self.dir_update(&key, |d| {
-                    d.written(from, None, Some(Known::absent()))
-                });
+                self.dir_update(&key, |d| d.written(from, None, Some(Known::absent())));
                 reply.existed = cur.found;
             }
             WriteOp::Set => {
@@ -985,7 +1007,10 @@ impl CacheNode {
         if ep.view.epoch != req.epoch {
             return Err(error(
                 Code::FailedPrecondition,
-                format!("release of epoch {}; node {} is at epoch {}", req.epoch, self.me, ep.view.epoch),
+                format!(
+                    "release of epoch {}; node {} is at epoch {}",
+                    req.epoch, self.me, ep.view.epoch
+                ),
                 "STALE_EPOCH",
                 [("epoch", ep.view.epoch.to_string())],
             ));

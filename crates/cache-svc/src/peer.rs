@@ -17,8 +17,8 @@ use parking_lot::Mutex;
 use proto::cache::v1::internal::cache_peer_client::CachePeerClient;
 use proto::cache::v1::internal::cache_peer_server::CachePeer;
 use proto::cache::v1::internal::{
-    FetchRequest, LineGrant, RecallReply, RecallRequest, ReleaseReply, ReleaseRequest,
-    StoreReply, StoreRequest, WriteReply, WriteRequest,
+    FetchRequest, LineGrant, RecallReply, RecallRequest, ReleaseReply, ReleaseRequest, StoreReply,
+    StoreRequest, WriteReply, WriteRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -92,14 +92,28 @@ impl Peers {
 
     /// Fetch and Write may wait at the home for a recall (a slow near
     /// cache's ack and lease) and the store: `slow` bounds that.
-    pub async fn fetch(&self, to: u64, req: FetchRequest, slow: Duration) -> Result<LineGrant, Status> {
-        self.call(to, self.timeout + slow, |mut c| async move { c.fetch(req).await })
-            .await
+    pub async fn fetch(
+        &self,
+        to: u64,
+        req: FetchRequest,
+        slow: Duration,
+    ) -> Result<LineGrant, Status> {
+        self.call(to, self.timeout + slow, |mut c| async move {
+            c.fetch(req).await
+        })
+        .await
     }
 
-    pub async fn write(&self, to: u64, req: WriteRequest, slow: Duration) -> Result<WriteReply, Status> {
-        self.call(to, self.timeout * 2 + slow, |mut c| async move { c.write(req).await })
-            .await
+    pub async fn write(
+        &self,
+        to: u64,
+        req: WriteRequest,
+        slow: Duration,
+    ) -> Result<WriteReply, Status> {
+        self.call(to, self.timeout * 2 + slow, |mut c| async move {
+            c.write(req).await
+        })
+        .await
     }
 
     pub async fn recall(
@@ -113,9 +127,13 @@ impl Peers {
     }
 
     pub async fn release(&self, to: u64, req: ReleaseRequest) -> Result<(), Status> {
-        self.call(to, self.timeout, |mut c| async move { c.release(req).await })
-            .await
-            .map(|_| ())
+        self.call(
+            to,
+            self.timeout,
+            |mut c| async move { c.release(req).await },
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn store(&self, to: u64, cmd: StoreCommand) -> Result<u64, Status> {
@@ -131,7 +149,9 @@ impl Peers {
                 entry: None,
             },
             StoreCommand::Purge { .. } => {
-                return Err(Status::invalid_argument("purges are proposed by the leader"))
+                return Err(Status::invalid_argument(
+                    "purges are proposed by the leader",
+                ))
             }
         };
         self.call(to, self.timeout, |mut c| async move { c.store(req).await })
@@ -152,7 +172,11 @@ pub struct PeerApi {
 
 impl PeerApi {
     fn node(&self, from: u64) -> Result<&CacheNode, Status> {
-        if self.faults.as_ref().is_some_and(|f| f.is_cut(from, self.me)) {
+        if self
+            .faults
+            .as_ref()
+            .is_some_and(|f| f.is_cut(from, self.me))
+        {
             return Err(Status::unavailable("partitioned (test fault)"));
         }
         self.node
@@ -206,7 +230,9 @@ impl CachePeer for PeerApi {
     ) -> Result<Response<ReleaseReply>, Status> {
         let req = req.into_inner();
         let node = self.node(req.from)?;
-        node.on_release(req).await.map(|_| Response::new(ReleaseReply {}))
+        node.on_release(req)
+            .await
+            .map(|_| Response::new(ReleaseReply {}))
     }
 
     async fn store(&self, req: Request<StoreRequest>) -> Result<Response<StoreReply>, Status> {
@@ -217,7 +243,9 @@ impl CachePeer for PeerApi {
             self.node(0)?;
         }
         let Some(store) = self.embedded.get() else {
-            return Err(Status::failed_precondition("this cache has no embedded store"));
+            return Err(Status::failed_precondition(
+                "this cache has no embedded store",
+            ));
         };
         let st = store.group.status();
         if st.leader != Some(st.node) {

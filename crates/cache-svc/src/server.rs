@@ -56,11 +56,26 @@ impl CacheConfig {
     pub fn from_replica(mut replica: ReplicaConfig, limits: CacheLimits, store: String) -> Self {
         // A write may wait for a fence, a slow near cache and its lease.
         replica.long_methods = vec![
-            ("/dsync.cache.v1.CacheService/Set".into(), Duration::from_secs(15)),
-            ("/dsync.cache.v1.CacheService/BatchSet".into(), Duration::from_secs(15)),
-            ("/dsync.cache.v1.CacheService/Delete".into(), Duration::from_secs(15)),
-            ("/dsync.cache.v1.CacheService/Invalidate".into(), Duration::from_secs(15)),
-            ("/dsync.cache.v1.internal.CachePeer/Write".into(), Duration::from_secs(15)),
+            (
+                "/dsync.cache.v1.CacheService/Set".into(),
+                Duration::from_secs(15),
+            ),
+            (
+                "/dsync.cache.v1.CacheService/BatchSet".into(),
+                Duration::from_secs(15),
+            ),
+            (
+                "/dsync.cache.v1.CacheService/Delete".into(),
+                Duration::from_secs(15),
+            ),
+            (
+                "/dsync.cache.v1.CacheService/Invalidate".into(),
+                Duration::from_secs(15),
+            ),
+            (
+                "/dsync.cache.v1.internal.CachePeer/Write".into(),
+                Duration::from_secs(15),
+            ),
         ];
         Self {
             replica,
@@ -81,7 +96,10 @@ pub struct CacheServer {
 impl CacheServer {
     /// Starts a node serving on `listener`. Needs a multi-threaded tokio
     /// runtime. With a Redis store, Redis must answer once at start.
-    pub async fn start(cfg: CacheConfig, listener: tokio::net::TcpListener) -> Result<Self, String> {
+    pub async fn start(
+        cfg: CacheConfig,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Self, String> {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let me = cfg.replica.node_id;
         let mut replica = Replica::open(cfg.replica.clone())?;
@@ -284,7 +302,7 @@ async fn lease_loop(
     let mut round = 0u64;
     loop {
         round += 1;
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             let c = cache.clone();
             tokio::spawn(async move { c.probe_peers().await });
         }
@@ -312,12 +330,7 @@ async fn purge_loop(store: Arc<EmbeddedStore>, mut closed: watch::Receiver<bool>
             continue;
         }
         let now = crate::store::now_ms();
-        let expired = store
-            .state
-            .read()
-            .map
-            .values()
-            .any(|e| e.expired(now));
+        let expired = store.state.read().map.values().any(|e| e.expired(now));
         if expired {
             let _ = store
                 .propose(crate::store::StoreCommand::Purge { now_ms: now })

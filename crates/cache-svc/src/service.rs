@@ -50,7 +50,11 @@ fn check_key(l: &CacheLimits, key: &[u8]) -> Result<(), Status> {
     if key.len() > l.max_key_bytes {
         return Err(invalid(
             "KEY_TOO_LARGE",
-            format!("key has {} bytes; the limit is {}", key.len(), l.max_key_bytes),
+            format!(
+                "key has {} bytes; the limit is {}",
+                key.len(),
+                l.max_key_bytes
+            ),
             l.max_key_bytes,
         ));
     }
@@ -155,7 +159,11 @@ impl Caches {
             entries: n.entries(),
             size_bytes: size,
             capacity_bytes: cap,
-            utilization: if cap == 0 { 0.0 } else { size as f64 / cap as f64 },
+            utilization: if cap == 0 {
+                0.0
+            } else {
+                size as f64 / cap as f64
+            },
             hits,
             peer_hits,
             misses,
@@ -168,8 +176,7 @@ impl Caches {
             lines_shared: lines(0),
             lines_exclusive: lines(1),
             lines_modified: lines(2),
-            invalidations_sent: s.invalidations_sent.load(Relaxed)
-                + n.watchers.sent.load(Relaxed),
+            invalidations_sent: s.invalidations_sent.load(Relaxed) + n.watchers.sent.load(Relaxed),
             invalidations_received: s.invalidations_received.load(Relaxed),
             refreshes: s.refreshes.load(Relaxed),
             writes: s.writes.load(Relaxed),
@@ -201,9 +208,11 @@ impl CacheService for Caches {
             check_key(self.limits(), k)?;
         }
         let client = r.client_id;
-        let results = futures::future::join_all(r.keys.into_iter().map(|k| async move {
-            self.node.get(&Bytes::from(k), client).await
-        }))
+        let results = futures::future::join_all(
+            r.keys
+                .into_iter()
+                .map(|k| async move { self.node.get(&Bytes::from(k), client).await }),
+        )
         .await;
         let mut entries = Vec::with_capacity(results.len());
         for res in results {

@@ -249,11 +249,18 @@ impl BackingStore for RedisStore {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoreCommand {
-    Put { key: Bytes, entry: Entry },
-    Delete { key: Bytes },
+    Put {
+        key: Bytes,
+        entry: Entry,
+    },
+    Delete {
+        key: Bytes,
+    },
     /// Drops entries expired at `now_ms` (the leader's clock, carried in
     /// the command so every replica drops the same ones).
-    Purge { now_ms: u64 },
+    Purge {
+        now_ms: u64,
+    },
 }
 
 /// The embedded store's replicated map.
@@ -334,8 +341,14 @@ impl EmbeddedStore {
                 .propose(postcard::to_stdvec(&cmd).expect("store commands encode"))
                 .await
                 .map_err(|e| consensus::grpc_status::to_status(&e, GROUP)),
-            Some(l) => (self.forward)(l, cmd).await.map(|n| n.to_be_bytes().to_vec()),
-            None => return Err(StoreError::Unavailable("embedded store has no leader".into())),
+            Some(l) => (self.forward)(l, cmd)
+                .await
+                .map(|n| n.to_be_bytes().to_vec()),
+            None => {
+                return Err(StoreError::Unavailable(
+                    "embedded store has no leader".into(),
+                ))
+            }
         };
         match outcome {
             Ok(bytes) => Ok(bytes

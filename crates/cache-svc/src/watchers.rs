@@ -104,9 +104,7 @@ impl Watchers {
             inner: Mutex::default(),
             // Ids carry the node (another node never knows them) and the
             // start time (a restarted node never reissues one).
-            next_id: AtomicU64::new(
-                (node << 48) | ((crate::store::now_ms() & 0xff_ffff) << 24),
-            ),
+            next_id: AtomicU64::new((node << 48) | ((crate::store::now_ms() & 0xff_ffff) << 24)),
             timeout,
             lease,
             max_tracked,
@@ -222,7 +220,10 @@ impl Watchers {
             let mut inner = self.inner.lock();
             for (id, r) in results {
                 if !matches!(r, Ok(Ok(()))) {
-                    tracing::warn!(client = id, "near-cache client missed an invalidation; dropping it");
+                    tracing::warn!(
+                        client = id,
+                        "near-cache client missed an invalidation; dropping it"
+                    );
                     inner.forget(id, self.lease, Some(key));
                 }
             }
@@ -276,9 +277,9 @@ impl Watchers {
         let ids: Vec<u64> = inner.clients.keys().copied().collect();
         for id in ids {
             if let Some(c) = inner.clients.get(&id) {
-                let _ = c
-                    .tx
-                    .try_send(Err(Status::unavailable("cache membership changed; watch again")));
+                let _ = c.tx.try_send(Err(Status::unavailable(
+                    "cache membership changed; watch again",
+                )));
             }
             inner.forget(id, self.lease, None);
         }

@@ -108,7 +108,10 @@ async fn write_back_stores_behind_the_acknowledgement() {
     assert!(raw.ends_with(b"dirtier\r\n"), "{raw:?}");
     // The writer's line can be evicted or invalidated now: nothing is lost.
     c2.invalidate(&key).await.unwrap();
-    assert_eq!(c2.get(&key).await.unwrap().unwrap().value, Bytes::from("dirtier"));
+    assert_eq!(
+        c2.get(&key).await.unwrap().unwrap().value,
+        Bytes::from("dirtier")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -124,7 +127,10 @@ async fn near_cache_is_invalidated_before_the_write_is_acknowledged() {
         let v = format!("v{i}");
         writer.set(&key, v.clone()).await.unwrap();
         // Fill the reader's near cache, then hit it.
-        assert_eq!(reader.get(&key).await.unwrap().unwrap().value, Bytes::from(v.clone()));
+        assert_eq!(
+            reader.get(&key).await.unwrap().unwrap().value,
+            Bytes::from(v.clone())
+        );
         let (e, src) = reader.get_with_source(&key).await.unwrap();
         assert_eq!(src, Source::Near, "round {i}");
         assert_eq!(e.unwrap().value, Bytes::from(v));
@@ -135,7 +141,10 @@ async fn near_cache_is_invalidated_before_the_write_is_acknowledged() {
         let key = format!("near-{}", i % 5);
         let v = format!("w{i}");
         writer.set(&key, v.clone()).await.unwrap();
-        assert_eq!(reader.get(&key).await.unwrap().unwrap().value, Bytes::from(v));
+        assert_eq!(
+            reader.get(&key).await.unwrap().unwrap().value,
+            Bytes::from(v)
+        );
     }
     let st = reader.near_stats();
     assert!(st.hits >= 50 && st.invalidations >= 50, "{st:?}");
@@ -148,12 +157,26 @@ async fn compare_and_set_conflicts() {
     let (a, b) = (c.client(1, true), c.client(2, false));
     // if_version 0 = only if absent.
     let v = a
-        .set_with("cas", "first", SetOptions { if_version: Some(0), ..Default::default() })
+        .set_with(
+            "cas",
+            "first",
+            SetOptions {
+                if_version: Some(0),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(v, 1);
     let err = b
-        .set_with("cas", "again", SetOptions { if_version: Some(0), ..Default::default() })
+        .set_with(
+            "cas",
+            "again",
+            SetOptions {
+                if_version: Some(0),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -166,8 +189,22 @@ async fn compare_and_set_conflicts() {
     for round in 0..20 {
         let cur = a.get("cas").await.unwrap().unwrap().version;
         let (ra, rb) = tokio::join!(
-            a.set_with("cas", format!("a{round}"), SetOptions { if_version: Some(cur), ..Default::default() }),
-            b.set_with("cas", format!("b{round}"), SetOptions { if_version: Some(cur), ..Default::default() }),
+            a.set_with(
+                "cas",
+                format!("a{round}"),
+                SetOptions {
+                    if_version: Some(cur),
+                    ..Default::default()
+                }
+            ),
+            b.set_with(
+                "cas",
+                format!("b{round}"),
+                SetOptions {
+                    if_version: Some(cur),
+                    ..Default::default()
+                }
+            ),
         );
         let ok = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
         assert_eq!(ok, 1, "round {round}: {ra:?} {rb:?}");
@@ -197,9 +234,16 @@ async fn entries_expire_everywhere() {
     let c = Cluster::start(3, &redis.url(), test_limits()).await;
     let (a, b) = (c.client(1, true), c.client(2, true));
     near_live(&a).await;
-    a.set_with("ttl", "short", SetOptions { ttl: Some(Duration::from_millis(400)), ..Default::default() })
-        .await
-        .unwrap();
+    a.set_with(
+        "ttl",
+        "short",
+        SetOptions {
+            ttl: Some(Duration::from_millis(400)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     a.set("keep", "long").await.unwrap();
     let e = b.get("ttl").await.unwrap().unwrap();
     assert!(e.ttl.unwrap() <= Duration::from_millis(400));
@@ -245,16 +289,35 @@ async fn bad_input_gets_precise_statuses() {
     let c = Cluster::start(3, &redis.url(), limits).await;
     let cl = c.client(1, false);
     let e = cl.get("").await.unwrap_err();
-    assert_eq!((e.code(), reason(&e).as_str()), (Code::InvalidArgument, "EMPTY_KEY"));
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::InvalidArgument, "EMPTY_KEY")
+    );
     let e = cl.set("k".repeat(2000), "v").await.unwrap_err();
-    assert_eq!((e.code(), reason(&e).as_str()), (Code::InvalidArgument, "KEY_TOO_LARGE"));
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::InvalidArgument, "KEY_TOO_LARGE")
+    );
     let e = cl.set("k", vec![0u8; (64 << 10) + 1]).await.unwrap_err();
-    assert_eq!((e.code(), reason(&e).as_str()), (Code::InvalidArgument, "VALUE_TOO_LARGE"));
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::InvalidArgument, "VALUE_TOO_LARGE")
+    );
     let e = cl
-        .set_with("k", "v", SetOptions { ttl: Some(Duration::from_secs(365 * 24 * 3600)), ..Default::default() })
+        .set_with(
+            "k",
+            "v",
+            SetOptions {
+                ttl: Some(Duration::from_secs(365 * 24 * 3600)),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
-    assert_eq!((e.code(), reason(&e).as_str()), (Code::InvalidArgument, "TTL_OUT_OF_RANGE"));
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::InvalidArgument, "TTL_OUT_OF_RANGE")
+    );
     let keys: Vec<Vec<u8>> = (0..1001).map(|i| format!("k{i}").into_bytes()).collect();
     let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
     let e = cl.batch_get(&refs).await.unwrap_err();
@@ -274,7 +337,14 @@ async fn bad_input_gets_precise_statuses() {
     let r = cl
         .batch_set(vec![
             (b"b1".to_vec(), Bytes::from("1"), SetOptions::default()),
-            (b"b2".to_vec(), Bytes::from("2"), SetOptions { if_version: Some(0), ..Default::default() }),
+            (
+                b"b2".to_vec(),
+                Bytes::from("2"),
+                SetOptions {
+                    if_version: Some(0),
+                    ..Default::default()
+                },
+            ),
         ])
         .await
         .unwrap();
@@ -324,12 +394,13 @@ async fn redis_down_refuses_writes_and_keeps_coherent_reads() {
     for i in 1..20 {
         let raw = redis.raw(&[b"GET", format!("dsync:r-{i}").as_bytes()]);
         assert!(
-            raw.windows(format!("v{i}").len()).any(|w| w == format!("v{i}").as_bytes()),
+            raw.windows(format!("v{i}").len())
+                .any(|w| w == format!("v{i}").as_bytes()),
             "r-{i}: {raw:?}"
         );
     }
     let e = cl.get("r-0").await.unwrap().unwrap();
-    assert!(e.value == Bytes::from("v0") || e.value == Bytes::from("lost?"));
+    assert!(e.value == "v0" || e.value == "lost?");
 }
 
 // ------------------------------------------------------ linearizability
@@ -368,7 +439,12 @@ async fn client_loop(
                     last_version.insert(key.clone(), e.version);
                 }
                 SOURCES.lock().unwrap().insert((id, t0), format!("{src:?}"));
-                record(Op::Read { observed: e.map(|e| e.value.to_vec()) }, Some(h.now()));
+                record(
+                    Op::Read {
+                        observed: e.map(|e| e.value.to_vec()),
+                    },
+                    Some(h.now()),
+                );
             }
         } else if dice < 90 {
             let value = format!("c{id}-{i}").into_bytes();
@@ -407,7 +483,10 @@ fn explain(events: &[Event], key: &[u8]) {
     evs.sort_by_key(|e| e.invoke);
     let sources = SOURCES.lock().unwrap();
     for e in evs {
-        let src = sources.get(&(e.client, e.invoke)).cloned().unwrap_or_default();
+        let src = sources
+            .get(&(e.client, e.invoke))
+            .cloned()
+            .unwrap_or_default();
         eprintln!(
             "  c{} {:>12} .. {:>12?} {:?} {}",
             e.client,
@@ -447,11 +526,21 @@ async fn run_history(
         if near {
             near_live(&cl).await;
         }
-        tasks.push(tokio::spawn(client_loop(cl, i as u64 + 1, keys, ops, h.clone(), stop.clone())));
+        tasks.push(tokio::spawn(client_loop(
+            cl,
+            i as u64 + 1,
+            keys,
+            ops,
+            h.clone(),
+            stop.clone(),
+        )));
     }
     during.await;
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap();
     }
     let events = h.events();
     match check(&events, &None) {
@@ -467,7 +556,14 @@ async fn run_history(
 async fn concurrent_clients_through_nodes_and_near_caches_are_linearizable() {
     let redis = Redis::start();
     let c = Cluster::start(3, &redis.url(), test_limits()).await;
-    let clients = vec![(1, true), (1, false), (2, true), (2, true), (3, false), (3, true)];
+    let clients = vec![
+        (1, true),
+        (1, false),
+        (2, true),
+        (2, true),
+        (3, false),
+        (3, true),
+    ];
     let n = run_history(&c, clients, 4, 250, async {}).await;
     assert!(n > 1000, "only {n} operations checked");
 }
@@ -480,12 +576,22 @@ async fn linearizable_while_a_node_is_killed_and_restarted() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     // Clients on nodes 1 and 2 only: node 3 is the one killed.
-    for (i, (node, near)) in [(1, true), (1, false), (2, true), (2, false)].into_iter().enumerate() {
+    for (i, (node, near)) in [(1, true), (1, false), (2, true), (2, false)]
+        .into_iter()
+        .enumerate()
+    {
         let cl = c.client(node, near);
         if near {
             near_live(&cl).await;
         }
-        tasks.push(tokio::spawn(client_loop(cl, i as u64 + 1, 4, 400, h.clone(), stop.clone())));
+        tasks.push(tokio::spawn(client_loop(
+            cl,
+            i as u64 + 1,
+            4,
+            400,
+            h.clone(),
+            stop.clone(),
+        )));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.kill(3).await;
@@ -495,7 +601,10 @@ async fn linearizable_while_a_node_is_killed_and_restarted() {
     c.restart(3).await;
     c.wait_ready(&[]).await;
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap();
     }
     let events = h.events();
     let n = check(&events, &None).unwrap_or_else(|v| panic!("not linearizable: {v}"));
@@ -504,7 +613,15 @@ async fn linearizable_while_a_node_is_killed_and_restarted() {
     let cl = c.client(3, true);
     near_live(&cl).await;
     cl.set("after-restart", "x").await.unwrap();
-    assert_eq!(c.client(1, false).get("after-restart").await.unwrap().unwrap().value, Bytes::from("x"));
+    assert_eq!(
+        c.client(1, false)
+            .get("after-restart")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        Bytes::from("x")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -539,12 +656,22 @@ async fn linearizable_while_redis_restarts() {
         if near {
             near_live(&cl).await;
         }
-        tasks.push(tokio::spawn(client_loop(cl, i as u64 + 1, 4, 300, h.clone(), stop.clone())));
+        tasks.push(tokio::spawn(client_loop(
+            cl,
+            i as u64 + 1,
+            4,
+            300,
+            h.clone(),
+            stop.clone(),
+        )));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.restart();
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap();
     }
     let n = check(&h.events(), &None).unwrap_or_else(|v| panic!("not linearizable: {v}"));
     assert!(n > 300, "only {n} operations checked");
@@ -568,11 +695,17 @@ async fn embedded_store_survives_a_killed_node() {
         assert_eq!(e.value, Bytes::from(format!("v{i}")));
     }
     other.set("e-0", "new").await.unwrap();
-    assert_eq!(cl.get("e-0").await.unwrap().unwrap().value, Bytes::from("new"));
+    assert_eq!(
+        cl.get("e-0").await.unwrap().unwrap().value,
+        Bytes::from("new")
+    );
     c.restart(2).await;
     c.wait_ready(&[]).await;
     let back = c.client(2, false);
-    assert_eq!(back.get("e-1").await.unwrap().unwrap().value, Bytes::from("v1"));
+    assert_eq!(
+        back.get("e-1").await.unwrap().unwrap().value,
+        Bytes::from("v1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -26,9 +26,8 @@ use moka::sync::Cache;
 use parking_lot::Mutex;
 use proto::cache::v1::cache_service_client::CacheServiceClient;
 use proto::cache::v1::{
-    watch_event, watch_request, Ack, BatchGetRequest, BatchSetRequest, DeleteRequest,
-    GetRequest, GetResponse, InvalidateRequest, Ping, SetRequest, StatusRequest, StatusResponse,
-    WatchRequest,
+    watch_event, watch_request, Ack, BatchGetRequest, BatchSetRequest, DeleteRequest, GetRequest,
+    GetResponse, InvalidateRequest, Ping, SetRequest, StatusRequest, StatusResponse, WatchRequest,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -251,7 +250,10 @@ fn never_sent(s: &Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
     while let Some(e) = cause {
         let text = e.to_string();
-        if text.contains("Connect") || text.contains("connect error") || text.contains("Connection refused") {
+        if text.contains("Connect")
+            || text.contains("connect error")
+            || text.contains("Connection refused")
+        {
             return true;
         }
         cause = e.source();

@@ -27,6 +27,7 @@ use dsync_client::cache::{CacheClient, CacheOptions};
 use hdrhistogram::Histogram;
 use rand::{RngExt, SeedableRng};
 
+#[derive(Clone, Copy)]
 struct Args {
     seconds: u64,
     clients: usize,
@@ -145,7 +146,11 @@ fn start_redis(dir: &std::path::Path) -> (Procs, u16) {
     (Procs(vec![child]), port)
 }
 
-async fn start_dsync(dir: &std::path::Path, store: &str, extra: &[(&str, String)]) -> (Procs, Vec<String>) {
+async fn start_dsync(
+    dir: &std::path::Path,
+    store: &str,
+    extra: &[(&str, String)],
+) -> (Procs, Vec<String>) {
     let bin = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace().join("target"))
@@ -187,10 +192,9 @@ async fn start_dsync(dir: &std::path::Path, store: &str, extra: &[(&str, String)
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let all = probe.status_all().await;
-        let ok = all.iter().all(|(_, r)| {
-            r.as_ref()
-                .is_ok_and(|s| s.member && s.members.len() == 3)
-        });
+        let ok = all
+            .iter()
+            .all(|(_, r)| r.as_ref().is_ok_and(|s| s.member && s.members.len() == 3));
         let epochs: Vec<u64> = all
             .iter()
             .filter_map(|(_, r)| r.as_ref().ok().map(|s| s.epoch))
@@ -233,7 +237,12 @@ fn print_row(r: &Row, base: Option<&Row>) {
 
 /// Runs `clients` closed loops of 90/10 (by `read_pct`) gets/sets for
 /// `secs`; `op(client, key, is_read)` does one operation.
-async fn drive<F, Fut>(a: &Args, zipf: &Arc<Zipf>, secs: u64, op: F) -> (f64, Histogram<u64>, Histogram<u64>)
+async fn drive<F, Fut>(
+    a: &Args,
+    zipf: &Arc<Zipf>,
+    secs: u64,
+    op: F,
+) -> (f64, Histogram<u64>, Histogram<u64>)
 where
     F: Fn(usize, String, bool) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -257,7 +266,11 @@ where
                 let t = Instant::now();
                 if op(c, key, read).await {
                     let ns = t.elapsed().as_nanos() as u64;
-                    let _ = if read { gets.record(ns.max(1)) } else { sets.record(ns.max(1)) };
+                    let _ = if read {
+                        gets.record(ns.max(1))
+                    } else {
+                        sets.record(ns.max(1))
+                    };
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -336,8 +349,17 @@ async fn dsync_phase(
     // steady state rather than first touches.
     if warm {
         for ep in endpoints {
-            let c = CacheClient::with_options([ep.clone()], CacheOptions { near_cache: false, ..Default::default() }).unwrap();
-            let keys: Vec<Vec<u8>> = (0..a.keys).map(|k| format!("key-{k}").into_bytes()).collect();
+            let c = CacheClient::with_options(
+                [ep.clone()],
+                CacheOptions {
+                    near_cache: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let keys: Vec<Vec<u8>> = (0..a.keys)
+                .map(|k| format!("key-{k}").into_bytes())
+                .collect();
             for chunk in keys.chunks(500) {
                 let refs: Vec<&[u8]> = chunk.iter().map(|k| k.as_slice()).collect();
                 let _ = c.batch_get(&refs).await;
@@ -404,7 +426,11 @@ async fn redis_phase(a: &Args, zipf: &Arc<Zipf>, port: u16) -> Row {
     for _ in 0..a.apps.max(1) {
         apps.push(client.get_multiplexed_async_connection().await.unwrap());
     }
-    let conns: Arc<Vec<_>> = Arc::new((0..a.clients).map(|i| apps[i % apps.len()].clone()).collect());
+    let conns: Arc<Vec<_>> = Arc::new(
+        (0..a.clients)
+            .map(|i| apps[i % apps.len()].clone())
+            .collect(),
+    );
     let (ops, gets, sets) = drive(a, zipf, a.seconds, move |c, key, read| {
         let mut conn = conns[c].clone();
         let value = value.clone();
@@ -449,7 +475,9 @@ async fn preload_redis(port: u16, keys: usize, value_bytes: usize, dsync_layout:
                 v.extend(std::iter::repeat_n(b'x', value_bytes));
                 p.cmd("SET").arg(format!("dsync:key-{k}")).arg(v);
             } else {
-                p.cmd("SET").arg(format!("key-{k}")).arg(vec![b'x'; value_bytes]);
+                p.cmd("SET")
+                    .arg(format!("key-{k}"))
+                    .arg(vec![b'x'; value_bytes]);
             }
         }
         p.query_async::<()>(&mut conn).await.unwrap();
@@ -481,7 +509,11 @@ async fn near_latency(endpoints: &[String], zipf: &Zipf) -> (f64, f64, usize) {
             let _ = h.record(ns.max(1));
         }
     }
-    (h.value_at_quantile(0.5) as f64, h.value_at_quantile(0.99) as f64, hits)
+    (
+        h.value_at_quantile(0.5) as f64,
+        h.value_at_quantile(0.99) as f64,
+        hits,
+    )
 }
 
 #[tokio::main]
@@ -497,11 +529,22 @@ async fn main() {
         "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
         "row", "ops/s", "get p50", "get p99", "set p50", "set p99", "vs redis", "p50 ×"
     );
-    println!("{:<34} {:>10} {:>9} {:>9} {:>9} {:>9}", "", "", "µs", "µs", "µs", "µs");
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "", "", "µs", "µs", "µs", "µs"
+    );
 
-    // Redis alone first: the baseline every row is compared with.
+    // Redis alone first: the baselines the rows are compared with.
+    let one = Args {
+        clients: 1,
+        apps: 1,
+        ..a
+    };
     let (redis_alone, rport) = start_redis(&dir.path().join("redis-alone"));
     preload_redis(rport, a.keys, a.value_bytes, false).await;
+    let mut base1 = redis_phase(&one, &zipf, rport).await;
+    base1.name = "redis-server alone, 1 client".into();
+    print_row(&base1, None);
     let base = redis_phase(&a, &zipf, rport).await;
     drop(redis_alone);
     print_row(&base, None);
@@ -511,7 +554,17 @@ async fn main() {
     let url = format!("redis://127.0.0.1:{port}");
     {
         let (_nodes, eps) = start_dsync(&dir.path().join("d1"), &url, &[]).await;
-        let r = dsync_phase(&a, &zipf, &eps, false, true, "dsync via gRPC (no near cache)").await;
+        let r = dsync_phase(&one, &zipf, &eps, false, true, "dsync via gRPC, 1 client").await;
+        print_row(&r, Some(&base1));
+        let r = dsync_phase(
+            &a,
+            &zipf,
+            &eps,
+            false,
+            false,
+            "dsync via gRPC (no near cache)",
+        )
+        .await;
         print_row(&r, Some(&base));
         let r = dsync_phase(&a, &zipf, &eps, true, false, "dsync with near cache (L1)").await;
         print_row(&r, Some(&base));
@@ -523,13 +576,19 @@ async fn main() {
     }
     // Refresh-ahead: lines live 2 s; with refresh-ahead hot lines are
     // reloaded in their last 20 %, without it they miss when they run out.
-    for (refresh, name) in [("0.2", "line TTL 2 s, refresh-ahead on"), ("0", "line TTL 2 s, refresh-ahead off")] {
+    // Read-only load, so lines end by their TTL rather than by writes.
+    let ro = Args { read_pct: 100, ..a };
+    for (refresh, name) in [
+        ("0.2", "reads only, line TTL 2 s, refresh on"),
+        ("0", "reads only, line TTL 2 s, refresh off"),
+    ] {
         let extra = [
             ("DSYNC_LINE_TTL_MS", "2000".to_string()),
             ("DSYNC_REFRESH_AHEAD", refresh.to_string()),
         ];
-        let (_nodes, eps) = start_dsync(&dir.path().join(format!("rf{refresh}")), &url, &extra).await;
-        let r = dsync_phase(&a, &zipf, &eps, false, true, name).await;
+        let (_nodes, eps) =
+            start_dsync(&dir.path().join(format!("rf{refresh}")), &url, &extra).await;
+        let r = dsync_phase(&ro, &zipf, &eps, false, true, name).await;
         print_row(&r, Some(&base));
     }
 }

@@ -41,9 +41,8 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
-        let bin = which("redis-server").expect(
-            "redis-server not found: install the Debian package (cargo xtask test does)",
-        );
+        let bin = which("redis-server")
+            .expect("redis-server not found: install the Debian package (cargo xtask test does)");
         let child = Command::new(bin)
             .args([
                 "--port",
@@ -106,7 +105,8 @@ impl Redis {
             cmd.extend_from_slice(b"\r\n");
         }
         s.write_all(&cmd).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
         while let Ok(n) = s.read(&mut buf) {
@@ -181,7 +181,11 @@ impl Cluster {
     }
 
     pub async fn start_on(&mut self, id: u64, l: tokio::net::TcpListener) {
-        let mut cfg = CacheConfig::new(id, self.addrs.clone(), self.dir.path().join(format!("n{id}")));
+        let mut cfg = CacheConfig::new(
+            id,
+            self.addrs.clone(),
+            self.dir.path().join(format!("n{id}")),
+        );
         cfg.limits = self.limits.clone();
         cfg.store = self.store.clone();
         cfg.replica.faults = Some(self.faults.clone());
@@ -190,7 +194,9 @@ impl Cluster {
     }
 
     pub async fn restart(&mut self, id: u64) {
-        let l = tokio::net::TcpListener::bind(&self.addrs[&id]).await.unwrap();
+        let l = tokio::net::TcpListener::bind(&self.addrs[&id])
+            .await
+            .unwrap();
         self.start_on(id, l).await;
     }
 

@@ -336,7 +336,8 @@ async fn run(cli: Cli) -> Result<(), Status> {
                 near_cache: false,
                 ..Default::default()
             };
-            let client = dsync_client::CacheClient::with_options(endpoints([7021, 7022, 7023]), copts)?;
+            let client =
+                dsync_client::CacheClient::with_options(endpoints([7021, 7022, 7023]), copts)?;
             cache(&client, cmd).await
         }
         Top::Lock { cmd } => {
@@ -675,7 +676,9 @@ async fn cache(c: &dsync_client::CacheClient, cmd: CacheCmd) -> Result<(), Statu
             };
             println!("{}", String::from_utf8_lossy(&e.value));
             if verbose {
-                let ttl = e.ttl.map_or("none".to_string(), |t| format!("{} ms", t.as_millis()));
+                let ttl = e
+                    .ttl
+                    .map_or("none".to_string(), |t| format!("{} ms", t.as_millis()));
                 eprintln!("version {}  ttl {ttl}  from {src:?}", e.version);
             }
         }
@@ -705,14 +708,27 @@ async fn cache(c: &dsync_client::CacheClient, cmd: CacheCmd) -> Result<(), Statu
             let mut answered = 0;
             println!(
                 "{:<22} {:>4} {:>6} {:>7} {:>9} {:>10} {:>8} {:>9} {:>7} {:>5} {:>5} {:>5} {:>9}",
-                "endpoint", "node", "epoch", "member", "entries", "size", "util", "hit_rate", "evict", "M", "E", "S", "members"
+                "endpoint",
+                "node",
+                "epoch",
+                "member",
+                "entries",
+                "size",
+                "util",
+                "hit_rate",
+                "evict",
+                "M",
+                "E",
+                "S",
+                "members"
             );
             for (ep, r) in c.status_all().await {
                 match r {
                     Ok(s) => {
                         answered += 1;
                         let st = s.stats.unwrap_or_default();
-                        let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
+                        let members: Vec<String> =
+                            s.members.iter().map(|m| m.to_string()).collect();
                         println!(
                             "{ep:<22} {:>4} {:>6} {:>7} {:>9} {:>10} {:>7.1}% {:>8.1}% {:>7} {:>5} {:>5} {:>5} {:>9}",
                             st.node_id,
