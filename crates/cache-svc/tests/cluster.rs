@@ -716,3 +716,31 @@ async fn write_back_mode_is_linearizable_too() {
     let n = run_history(&c, clients, 3, 250, async {}).await;
     assert!(n > 600, "only {n} operations checked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_behind_the_cache() {
+    let rc = common::RedisCluster::start();
+    let c = Cluster::start(3, &rc.url(), test_limits()).await;
+    let cl = c.client(1, false);
+    for i in 0..60 {
+        cl.set(format!("rc-{i}"), format!("v{i}")).await.unwrap();
+    }
+    // Dropped from every cache: reads come back from the Redis Cluster,
+    // whose keys landed on all three masters.
+    for i in 0..60 {
+        cl.invalidate(format!("rc-{i}")).await.unwrap();
+        let (e, src) = c.client(2, false).get_with_source(format!("rc-{i}")).await.unwrap();
+        assert_eq!(e.unwrap().value, Bytes::from(format!("v{i}")));
+        assert_eq!(src, Source::Store);
+    }
+    let per_master: Vec<usize> = rc
+        .nodes
+        .iter()
+        .map(|n| {
+            let raw = n.raw(&[b"DBSIZE"]);
+            String::from_utf8_lossy(&raw[1..]).trim().parse().unwrap()
+        })
+        .collect();
+    assert!(per_master.iter().all(|n| *n > 0), "keys on every master: {per_master:?}");
+    assert_eq!(per_master.iter().sum::<usize>(), 60);
+}
