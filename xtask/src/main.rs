@@ -246,7 +246,14 @@ fn bench(args: &[String]) -> Result {
         // Three nodes as processes, with redis-server behind them and
         // alone beside them.
         let mut b = cargo();
-        b.args(["build", "--release", "-p", "cache-svc", "--bin", "cache-svc"]);
+        b.args([
+            "build",
+            "--release",
+            "-p",
+            "cache-svc",
+            "--bin",
+            "cache-svc",
+        ]);
         run(b)?;
         install_deb("redis-server", "redis-server")?;
     }

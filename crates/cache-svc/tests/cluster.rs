@@ -729,7 +729,11 @@ async fn redis_cluster_behind_the_cache() {
     // whose keys landed on all three masters.
     for i in 0..60 {
         cl.invalidate(format!("rc-{i}")).await.unwrap();
-        let (e, src) = c.client(2, false).get_with_source(format!("rc-{i}")).await.unwrap();
+        let (e, src) = c
+            .client(2, false)
+            .get_with_source(format!("rc-{i}"))
+            .await
+            .unwrap();
         assert_eq!(e.unwrap().value, Bytes::from(format!("v{i}")));
         assert_eq!(src, Source::Store);
     }
@@ -741,6 +745,9 @@ async fn redis_cluster_behind_the_cache() {
             String::from_utf8_lossy(&raw[1..]).trim().parse().unwrap()
         })
         .collect();
-    assert!(per_master.iter().all(|n| *n > 0), "keys on every master: {per_master:?}");
+    assert!(
+        per_master.iter().all(|n| *n > 0),
+        "keys on every master: {per_master:?}"
+    );
     assert_eq!(per_master.iter().sum::<usize>(), 60);
 }
