@@ -287,3 +287,90 @@ impl Watchers {
 }
 
 pub type SharedWatchers = Arc<Watchers>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(50);
+    const LEASE: Duration = Duration::from_millis(200);
+
+    fn key() -> Bytes {
+        Bytes::from_static(b"k")
+    }
+
+    /// A client that answers every invalidation (if `acks`), as the
+    /// near cache does.
+    fn client(w: &Arc<Watchers>, acks: bool) -> u64 {
+        let (tx, mut rx) = mpsc::channel(16);
+        let id = w.register(tx);
+        let w = w.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(ev)) = rx.recv().await {
+                if let Some(Event::Invalidate(inv)) = ev.event {
+                    if acks {
+                        w.on_ack(id, inv.seq);
+                    }
+                }
+            }
+        });
+        id
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_waits_for_the_ack() {
+        let w = Arc::new(Watchers::new(7, TIMEOUT, LEASE, 10));
+        let id = client(&w, true);
+        assert_eq!(id >> 48, 7, "ids carry the node");
+        assert!(w.track(id, &key()));
+        assert_eq!(w.invalidate(&key()).await, 1);
+        assert_eq!(w.len(), 1, "it acked: still watching");
+        // Registrations are one-shot (like Redis tracking).
+        assert!(!w.tracks(b"k"));
+        assert_eq!(w.invalidate(&key()).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_forgotten_and_its_lease_waited_out() {
+        let w = Arc::new(Watchers::new(1, TIMEOUT, LEASE, 10));
+        let id = client(&w, false);
+        assert!(w.track(id, &key()));
+        let t = Instant::now();
+        w.invalidate(&key()).await;
+        assert!(t.elapsed() >= TIMEOUT + LEASE, "{:?}", t.elapsed());
+        assert_eq!(w.len(), 0);
+        assert!(!w.track(id, &key()), "a forgotten client cannot register");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_less_than_a_lease_ago_is_waited_for() {
+        let w = Arc::new(Watchers::new(1, TIMEOUT, LEASE, 10));
+        let id = client(&w, true);
+        assert!(w.track(id, &key()));
+        // Its stream ends (network cut): it may serve until its lease ends.
+        w.remove(id);
+        assert!(w.tracks(b"k"), "the tombstone keeps the key");
+        let t = Instant::now();
+        w.invalidate(&key()).await;
+        assert!(
+            t.elapsed() >= LEASE - Duration::from_millis(20),
+            "{:?}",
+            t.elapsed()
+        );
+        // Other keys have no tombstone.
+        assert!(!w.tracks(b"other"));
+    }
+
+    #[tokio::test]
+    async fn tracking_is_bounded_per_client() {
+        let w = Arc::new(Watchers::new(1, TIMEOUT, LEASE, 2));
+        let id = client(&w, true);
+        assert!(w.track(id, &Bytes::from_static(b"a")));
+        assert!(w.track(id, &Bytes::from_static(b"b")));
+        assert!(
+            !w.track(id, &Bytes::from_static(b"c")),
+            "over the limit: not cacheable"
+        );
+        assert!(w.track(id, &Bytes::from_static(b"a")), "already tracked");
+    }
+}
