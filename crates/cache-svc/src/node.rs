@@ -791,7 +791,9 @@ impl CacheNode {
             }
         };
         // The epoch may have moved while this waited: its directory entry
-        // must not come back then.
+        // must not come back then. Checked and recorded under the fills
+        // lock, which `enter` holds while it switches epochs.
+        let _f = self.fills.lock();
         let ep = self.check_home(req.epoch, &key)?;
         let mut d = self.dir_entry(&key);
         let state = d.fill_state(from);
@@ -919,6 +921,7 @@ impl CacheNode {
                     self.after_failed_write(&key, &e, cur);
                     return Err(store_status(e));
                 }
+                let _f = self.fills.lock();
                 self.require_lease_after_store(req.epoch, &key)?;
                 self.dir_update(&key, |d| d.written(from, None, Some(Known::absent())));
                 reply.existed = cur.found;
@@ -948,6 +951,9 @@ impl CacheNode {
                 };
                 let grant = self.grant_id();
                 let back = state == State::Modified;
+                // Recorded only if still this epoch's home (see home_fetch).
+                let _f = self.fills.lock();
+                self.require_lease_after_store(req.epoch, &key)?;
                 self.dir_update(&key, |d| {
                     if back {
                         d.dirty = Some(entry.clone());
