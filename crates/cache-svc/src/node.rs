@@ -498,10 +498,13 @@ impl CacheNode {
             2 => Source::Store,
             _ => Source::Peer,
         };
-        match source {
-            Source::Store => self.stats.misses.fetch_add(1, Ordering::Relaxed),
-            _ => self.stats.peer_hits.fetch_add(1, Ordering::Relaxed),
-        };
+        // A refresh is background work, not a read.
+        if !refresh {
+            match source {
+                Source::Store => self.stats.misses.fetch_add(1, Ordering::Relaxed),
+                _ => self.stats.peer_hits.fetch_add(1, Ordering::Relaxed),
+            };
+        }
         Ok((entry, source))
     }
 

@@ -751,3 +751,31 @@ async fn redis_cluster_behind_the_cache() {
     );
     assert_eq!(per_master.iter().sum::<usize>(), 60);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_ahead_keeps_hot_lines_past_their_line_ttl() {
+    let redis = Redis::start();
+    let limits = CacheLimits {
+        line_ttl: Duration::from_millis(1000),
+        refresh_ahead: 0.5,
+        ..test_limits()
+    };
+    let c = Cluster::start(3, &redis.url(), limits).await;
+    let cl = c.client(2, false);
+    cl.set("hot", "v").await.unwrap();
+    cl.set("cold", "v").await.unwrap();
+    // Read "hot" often for three line TTLs: after its first fill every
+    // read is a hit on node 2, since refreshes reload it before it ends.
+    let deadline = Instant::now() + Duration::from_millis(3000);
+    let mut sources = Vec::new();
+    while Instant::now() < deadline {
+        sources.push(cl.get_with_source("hot").await.unwrap().1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let misses = sources.iter().filter(|s| **s != Source::Node).count();
+    let st = cl.status().await.unwrap().stats.unwrap();
+    assert!(st.refreshes >= 2, "{st:?}");
+    assert_eq!(misses, 0, "{sources:?}");
+    // "cold", not read, ran out: its next read misses.
+    assert_ne!(cl.get_with_source("cold").await.unwrap().1, Source::Node);
+}
