@@ -14,9 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(&files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Reflection describes dsync's own APIs, not the third-party protos
+    // (proto/thirdparty: etcd's, for benchmarks).
+    let mut public = fds.clone();
+    public.file.retain(|f| !f.name().starts_with("thirdparty/"));
     std::fs::write(
         out.join("descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        prost::Message::encode_to_vec(&public),
     )?;
     tonic_prost_build::configure()
         .build_client(true)

@@ -242,6 +242,12 @@ fn bench(args: &[String]) -> Result {
         run(b)?;
         install_nats_server();
     }
+    if *what == "lock" {
+        // The same rows against etcd, when it can be had.
+        if let Err(e) = install_deb("etcd", "etcd-server") {
+            eprintln!("xtask bench: {e}; etcd rows skipped");
+        }
+    }
     if *what == "cache" {
         // Three nodes as processes, with redis-server behind them and
         // alone beside them.

@@ -5,6 +5,10 @@
 //!    resources, p50/p99 of each call.
 //! 2. Throughput: N clients (each its own session) looping acquire +
 //!    release (exclusive), on distinct resources and on 10 hot ones.
+//! 3. The same rows against a three-member etcd cluster on loopback (fsync
+//!    on, its own data directories) through etcd's lock API — a lease per
+//!    client, then Lock + Unlock — when `etcd` is installed (Debian
+//!    `etcd-server`; `cargo xtask bench lock` installs it), with the ratio.
 //!
 //! Run with `cargo xtask bench lock`.
 
@@ -15,6 +19,10 @@ use consensus::testkit::bind_local;
 use dsync_client::{LockClient, LockMode};
 use hdrhistogram::Histogram;
 use lock_svc::{LockConfig, LockServer};
+use proto::etcd::etcdserverpb::lease_client::LeaseClient;
+use proto::etcd::etcdserverpb::LeaseGrantRequest;
+use proto::etcd::v3lockpb::lock_client::LockClient as EtcdLockClient;
+use proto::etcd::v3lockpb::{LockRequest, UnlockRequest};
 
 #[derive(Parser)]
 struct Args {
@@ -24,9 +32,178 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 2000)]
     latency_rounds: usize,
-    /// gRPC connections shared by the clients.
+    /// gRPC connections shared by the clients (each system gets as many).
     #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// Run the rows against etcd too: auto (if `etcd` is installed), off.
+    #[arg(long, default_value = "auto")]
+    etcd: String,
+}
+
+/// One throughput row's figures.
+struct Row {
+    pairs_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+impl Row {
+    fn of(all: &Histogram<u64>, secs: f64, errors: u64) -> Self {
+        Self {
+            pairs_per_s: all.len() as f64 / secs,
+            p50_ms: ms(all, 0.5),
+            p99_ms: ms(all, 0.99),
+            errors,
+        }
+    }
+}
+
+fn resource(hot: bool, i: usize, k: u64) -> String {
+    if hot {
+        format!("hot-{}", (i as u64 + k) % 10)
+    } else {
+        format!("c{i}-{}", k % 16)
+    }
+}
+
+/// Processes killed on drop.
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a three-member etcd cluster on loopback; answers its client
+/// addresses once a lease can be granted.
+async fn start_etcd(dir: &std::path::Path) -> (Procs, Vec<String>) {
+    let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster: Vec<String> = peer
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("e{i}=http://127.0.0.1:{p}"))
+        .collect();
+    let mut procs = Procs(Vec::new());
+    for i in 0..3 {
+        let child = std::process::Command::new("etcd")
+            .args(["--name", &format!("e{i}")])
+            .arg("--data-dir")
+            .arg(dir.join(format!("e{i}")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", client[i]),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{}", client[i]),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", peer[i]),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", peer[i]),
+            ])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "bench",
+            ])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        procs.0.push(child);
+    }
+    let endpoints: Vec<String> = client.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = match etcd_channel(&endpoints[0]).await {
+            Ok(ch) => LeaseClient::new(ch)
+                .lease_grant(LeaseGrantRequest { ttl: 5, id: 0 })
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "etcd did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (procs, endpoints)
+}
+
+async fn etcd_channel(addr: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect()
+        .await
+}
+
+/// The throughput row against etcd: per client a 30 s lease, then Lock +
+/// Unlock pairs (etcd's Lock blocks until granted, FIFO by revision).
+async fn etcd_row(chans: &[tonic::transport::Channel], n: usize, hot: bool, seconds: u64) -> Row {
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let ch = chans[i % chans.len()].clone();
+            tokio::spawn(async move {
+                let lease = LeaseClient::new(ch.clone())
+                    .lease_grant(LeaseGrantRequest { ttl: 30, id: 0 })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .id;
+                let mut locks = EtcdLockClient::new(ch);
+                let (mut h, mut errors, mut k) = (hist(), 0u64, 0u64);
+                while Instant::now() < end {
+                    k += 1;
+                    let name = resource(hot, i, k).into_bytes();
+                    let t = Instant::now();
+                    match locks.lock(LockRequest { name, lease }).await {
+                        Ok(r) => {
+                            let key = r.into_inner().key;
+                            if locks.unlock(UnlockRequest { key }).await.is_ok() {
+                                h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (h, errors)
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let (mut all, mut errors) = (hist(), 0);
+    for t in tasks {
+        let (h, e) = t.await.unwrap();
+        all.add(h).unwrap();
+        errors += e;
+    }
+    Row::of(&all, t0.elapsed().as_secs_f64().max(seconds as f64), errors)
 }
 
 fn hist() -> Histogram<u64> {
@@ -96,75 +273,106 @@ async fn main() {
     );
     drop(s);
 
-    println!(
-        "| clients | resources | acquire+release pairs/s | pair p50 ms | pair p99 ms | errors |"
-    );
-    println!("|---:|---|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
     for hot in [false, true] {
         for &n in &args.clients {
-            let end = Instant::now() + Duration::from_secs(args.seconds);
-            let tasks: Vec<_> = (0..n)
-                .map(|i| {
-                    let c = conns[i % conns.len()].clone();
-                    tokio::spawn(async move {
-                        let s = c
-                            .open_session(Duration::from_secs(30), "bench")
-                            .await
-                            .unwrap();
-                        let mut h = hist();
-                        let mut errors = 0u64;
-                        let mut k = 0u64;
-                        while Instant::now() < end {
-                            k += 1;
-                            let res = if hot {
-                                format!("hot-{}", (i as u64 + k) % 10)
-                            } else {
-                                format!("c{i}-{}", k % 16)
-                            };
-                            let t = Instant::now();
-                            match c
-                                .acquire(
-                                    s.id(),
-                                    &res,
-                                    LockMode::Exclusive,
-                                    Some(Duration::from_secs(10)),
-                                )
-                                .await
-                            {
-                                Ok(r) => {
-                                    if c.release(s.id(), r.lock_id, "").await.is_ok() {
-                                        h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
-                                    } else {
-                                        errors += 1;
-                                    }
-                                }
-                                Err(_) => errors += 1,
-                            }
-                        }
-                        let _ = s.close().await;
-                        (h, errors)
-                    })
-                })
-                .collect();
-            let t0 = Instant::now();
-            let mut all = hist();
-            let mut errors = 0;
-            for t in tasks {
-                let (h, e) = t.await.unwrap();
-                all.add(h).unwrap();
-                errors += e;
-            }
-            let secs = t0.elapsed().as_secs_f64().max(args.seconds as f64);
-            println!(
-                "| {n} | {} | {:.0} | {:.2} | {:.2} | {errors} |",
-                if hot { "10 hot" } else { "distinct" },
-                all.len() as f64 / secs,
-                ms(&all, 0.5),
-                ms(&all, 0.99)
-            );
+            rows.push((n, hot, dsync_row(&conns, n, hot, args.seconds).await));
         }
     }
     for s in servers {
         s.kill().await;
     }
+
+    let etcd_present = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut etcd_rows = Vec::new();
+    if args.etcd != "off" && etcd_present {
+        let (_etcd, endpoints) = start_etcd(dir.path()).await;
+        let mut chans = Vec::new();
+        for i in 0..args.connections.max(1) {
+            chans.push(etcd_channel(&endpoints[i % endpoints.len()]).await.unwrap());
+        }
+        for hot in [false, true] {
+            for &n in &args.clients {
+                etcd_rows.push(etcd_row(&chans, n, hot, args.seconds).await);
+            }
+        }
+    } else if args.etcd != "off" {
+        println!("(etcd not installed: no etcd rows; `apt-get install etcd-server`)");
+    }
+    println!(
+        "| clients | resources | dsync pairs/s (p50, p99 ms) | errors | etcd pairs/s (p50, p99 ms) | errors | ratio |"
+    );
+    println!("|---:|---|---|---:|---|---:|---:|");
+    for (i, (n, hot, d)) in rows.iter().enumerate() {
+        let (e, ratio) = match etcd_rows.get(i) {
+            Some(e) => (
+                format!("{:.0} ({:.1}, {:.1})", e.pairs_per_s, e.p50_ms, e.p99_ms),
+                format!("{:.1}×", d.pairs_per_s / e.pairs_per_s.max(1e-9)),
+            ),
+            None => ("—".into(), "—".into()),
+        };
+        println!(
+            "| {n} | {} | {:.0} ({:.1}, {:.1}) | {} | {e} | {} | {ratio} |",
+            if *hot { "10 hot" } else { "distinct" },
+            d.pairs_per_s,
+            d.p50_ms,
+            d.p99_ms,
+            d.errors,
+            etcd_rows.get(i).map_or(0, |e| e.errors),
+        );
+    }
+}
+
+/// The throughput row against dsync: N clients, each its own session,
+/// acquire + release pairs.
+async fn dsync_row(conns: &[LockClient], n: usize, hot: bool, seconds: u64) -> Row {
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let c = conns[i % conns.len()].clone();
+            tokio::spawn(async move {
+                let s = c
+                    .open_session(Duration::from_secs(30), "bench")
+                    .await
+                    .unwrap();
+                let (mut h, mut errors, mut k) = (hist(), 0u64, 0u64);
+                while Instant::now() < end {
+                    k += 1;
+                    let res = resource(hot, i, k);
+                    let t = Instant::now();
+                    match c
+                        .acquire(
+                            s.id(),
+                            &res,
+                            LockMode::Exclusive,
+                            Some(Duration::from_secs(10)),
+                        )
+                        .await
+                    {
+                        Ok(r) => {
+                            if c.release(s.id(), r.lock_id, "").await.is_ok() {
+                                h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                let _ = s.close().await;
+                (h, errors)
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let (mut all, mut errors) = (hist(), 0);
+    for t in tasks {
+        let (h, e) = t.await.unwrap();
+        all.add(h).unwrap();
+        errors += e;
+    }
+    Row::of(&all, t0.elapsed().as_secs_f64().max(seconds as f64), errors)
 }

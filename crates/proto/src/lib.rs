@@ -49,6 +49,17 @@ pub mod queue {
     }
 }
 
+/// etcd's lease and lock APIs (a subset, under `proto/thirdparty/etcd`),
+/// for running the lock benchmark against etcd. Not part of dsync's API.
+pub mod etcd {
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+}
+
 pub mod raft {
     pub mod v1 {
         tonic::include_proto!("dsync.raft.v1");
