@@ -243,7 +243,11 @@ fn bench(args: &[String]) -> Result {
         install_nats_server();
     }
     if *what == "lock" {
-        // The same rows against etcd, when it can be had.
+        // Three lock-svc processes, and the same rows against etcd when it
+        // can be had.
+        let mut b = cargo();
+        b.args(["build", "--release", "-p", "lock-svc", "--bin", "lock-svc"]);
+        run(b)?;
         if let Err(e) = install_deb("etcd", "etcd-server") {
             eprintln!("xtask bench: {e}; etcd rows skipped");
         }

@@ -15,10 +15,8 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use consensus::testkit::bind_local;
 use dsync_client::{LockClient, LockMode};
 use hdrhistogram::Histogram;
-use lock_svc::{LockConfig, LockServer};
 use proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use proto::etcd::etcdserverpb::LeaseGrantRequest;
 use proto::etcd::v3lockpb::lock_client::LockClient as EtcdLockClient;
@@ -32,8 +30,9 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 2000)]
     latency_rounds: usize,
-    /// gRPC connections shared by the clients (each system gets as many).
-    #[arg(long, default_value_t = 8)]
+    /// gRPC connections shared by the clients (each system gets as many);
+    /// 0 = one per client.
+    #[arg(long, default_value_t = 0)]
     connections: usize,
     /// Run the rows against etcd too: auto (if `etcd` is installed), off.
     #[arg(long, default_value = "auto")]
@@ -85,6 +84,48 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Starts three `lock-svc` processes (the release binary `cargo xtask
+/// bench lock` builds) on loopback; answers their addresses once a session
+/// can be opened.
+async fn start_dsync(dir: &std::path::Path) -> (Procs, Vec<String>) {
+    let bin = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+        })
+        .join("release/lock-svc");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let mut procs = Procs(Vec::new());
+    for (i, p) in ports.iter().enumerate() {
+        let child = std::process::Command::new(&bin)
+            .env("DSYNC_NODE_ID", (i + 1).to_string())
+            .env("DSYNC_LISTEN", format!("127.0.0.1:{p}"))
+            .env("DSYNC_PEERS", peers.join(","))
+            .env("DSYNC_DATA_DIR", dir.join(format!("n{}", i + 1)))
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        procs.0.push(child);
+    }
+    let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let probe = LockClient::connect(endpoints.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = probe.open_session(Duration::from_secs(5), "ready").await {
+            let _ = s.close().await;
+            break;
+        }
+        assert!(Instant::now() < deadline, "lock-svc did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (procs, endpoints)
 }
 
 /// Starts a three-member etcd cluster on loopback; answers its client
@@ -218,29 +259,26 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 async fn main() {
     let args = Args::parse();
     let dir = tempfile::tempdir().unwrap();
-    let (listeners, addrs) = bind_local(3).await.unwrap();
-    let mut servers = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
-        let id = i as u64 + 1;
-        let cfg = LockConfig::new(id, addrs.clone(), dir.path().join(format!("n{id}")));
-        servers.push(LockServer::start(cfg, l).unwrap());
-    }
-    // Clients start at the leader (they would find it anyway).
-    let leader = loop {
-        if let Some(s) = servers.iter().find(|s| s.locks.group.status().is_leader()) {
-            break s.addr.to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let (_replicas, endpoints) = start_dsync(dir.path()).await;
+    // One connection per client (`--connections 0`), or that many shared.
+    let max_clients = args.clients.iter().copied().max().unwrap_or(1);
+    let n_conns = if args.connections == 0 {
+        max_clients
+    } else {
+        args.connections
     };
-    let mut endpoints = vec![leader];
-    let mut rest: Vec<String> = addrs.values().cloned().collect();
-    rest.sort();
-    endpoints.extend(rest);
-    let conns: Vec<LockClient> = (0..args.connections)
+    let conns: Vec<LockClient> = (0..n_conns)
         .map(|_| LockClient::connect(endpoints.clone()).unwrap())
         .collect();
 
-    println!("lock bench: 3 replicas, loopback gRPC, fsync on, exclusive locks");
+    println!(
+        "lock bench: 3 lock-svc processes, loopback gRPC, fsync on, exclusive locks, {}",
+        if args.connections == 0 {
+            "one connection per client".to_string()
+        } else {
+            format!("{} shared connections", args.connections)
+        }
+    );
     // 1. Uncontended latency.
     let s = conns[0]
         .open_session(Duration::from_secs(30), "lat")
@@ -279,9 +317,7 @@ async fn main() {
             rows.push((n, hot, dsync_row(&conns, n, hot, args.seconds).await));
         }
     }
-    for s in servers {
-        s.kill().await;
-    }
+    drop(_replicas);
 
     let etcd_present = std::process::Command::new("etcd")
         .arg("--version")
@@ -291,7 +327,7 @@ async fn main() {
     if args.etcd != "off" && etcd_present {
         let (_etcd, endpoints) = start_etcd(dir.path()).await;
         let mut chans = Vec::new();
-        for i in 0..args.connections.max(1) {
+        for i in 0..n_conns {
             chans.push(etcd_channel(&endpoints[i % endpoints.len()]).await.unwrap());
         }
         for hot in [false, true] {
