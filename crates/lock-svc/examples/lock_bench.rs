@@ -34,6 +34,11 @@ struct Args {
     /// 0 = one per client.
     #[arg(long, default_value_t = 0)]
     connections: usize,
+    /// Before the rows, 64 clients acquire this many distinct locks in
+    /// all and keep them (state size: fill rate, RSS and disk per replica,
+    /// then the rows on top).
+    #[arg(long, default_value_t = 0)]
+    held: usize,
     /// Run the rows against etcd too: auto (if `etcd` is installed), off.
     #[arg(long, default_value = "auto")]
     etcd: String,
@@ -64,6 +69,138 @@ fn resource(hot: bool, i: usize, k: u64) -> String {
     } else {
         format!("c{i}-{}", k % 16)
     }
+}
+
+/// RSS of each process and disk used by each data directory
+/// (`<dir>/<prefix>N`), for the held-state row.
+fn footprint(procs: &[std::process::Child], dir: &std::path::Path, prefix: &str) -> String {
+    let rss: Vec<String> = procs
+        .iter()
+        .map(|c| {
+            std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+                .ok()
+                .and_then(|st| {
+                    st.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1).map(|kb| kb.to_string()))
+                })
+                .map_or("?".into(), |kb| {
+                    format!("{} MB", kb.parse::<u64>().unwrap_or(0) / 1024)
+                })
+        })
+        .collect();
+    let disk: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            let mut v: Vec<(String, u64)> = rd
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), du(&e.path())))
+                .collect();
+            v.sort();
+            v.into_iter()
+                .map(|(_, b)| format!("{} MB", b >> 20))
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "RSS per replica [{}], disk per replica [{}]",
+        rss.join(", "),
+        disk.join(", ")
+    )
+}
+
+fn du(path: &std::path::Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|rd| rd.flatten().map(|e| du(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// 64 sessions acquire `held` distinct locks in all and keep them; answers
+/// the sessions (dropping them releases everything), the fill rate and the
+/// slowest acquire.
+async fn dsync_hold(conns: &[LockClient], held: usize) -> (Vec<dsync_client::Session>, f64, f64) {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let c = conns[i % conns.len()].clone();
+            tokio::spawn(async move {
+                let s = c
+                    .open_session(Duration::from_secs(120), "held")
+                    .await
+                    .unwrap();
+                let mut max = Duration::ZERO;
+                for k in (i..held).step_by(64) {
+                    let t = Instant::now();
+                    c.acquire(
+                        s.id(),
+                        &format!("held-{k}"),
+                        LockMode::Exclusive,
+                        Some(Duration::ZERO),
+                    )
+                    .await
+                    .unwrap();
+                    max = max.max(t.elapsed());
+                }
+                (s, max)
+            })
+        })
+        .collect();
+    let (mut sessions, mut max) = (Vec::new(), Duration::ZERO);
+    for t in tasks {
+        let (s, m) = t.await.unwrap();
+        sessions.push(s);
+        max = max.max(m);
+    }
+    (
+        sessions,
+        held as f64 / t0.elapsed().as_secs_f64(),
+        max.as_secs_f64() * 1000.0,
+    )
+}
+
+/// The same against etcd: 64 leases (kept by their 600 s TTL), `held`
+/// distinct locks.
+async fn etcd_hold(chans: &[tonic::transport::Channel], held: usize) -> (f64, f64) {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let ch = chans[i % chans.len()].clone();
+            tokio::spawn(async move {
+                let lease = LeaseClient::new(ch.clone())
+                    .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .id;
+                let mut locks = EtcdLockClient::new(ch);
+                let mut max = Duration::ZERO;
+                for k in (i..held).step_by(64) {
+                    let t = Instant::now();
+                    locks
+                        .lock(LockRequest {
+                            name: format!("held-{k}").into_bytes(),
+                            lease,
+                        })
+                        .await
+                        .unwrap();
+                    max = max.max(t.elapsed());
+                }
+                max
+            })
+        })
+        .collect();
+    let mut max = Duration::ZERO;
+    for t in tasks {
+        max = max.max(t.await.unwrap());
+    }
+    (
+        held as f64 / t0.elapsed().as_secs_f64(),
+        max.as_secs_f64() * 1000.0,
+    )
 }
 
 /// Processes killed on drop.
@@ -311,6 +448,17 @@ async fn main() {
     );
     drop(s);
 
+    let _holders = if args.held > 0 {
+        let (sessions, rate, max_ms) = dsync_hold(&conns, args.held).await;
+        println!(
+            "dsync: {} locks held by 64 sessions, filled at {rate:.0} acquires/s (max {max_ms:.0} ms); {}",
+            args.held,
+            footprint(&_replicas.0, dir.path(), "n")
+        );
+        sessions
+    } else {
+        Vec::new()
+    };
     let mut rows = Vec::new();
     for hot in [false, true] {
         for &n in &args.clients {
@@ -329,6 +477,14 @@ async fn main() {
         let mut chans = Vec::new();
         for i in 0..n_conns {
             chans.push(etcd_channel(&endpoints[i % endpoints.len()]).await.unwrap());
+        }
+        if args.held > 0 {
+            let (rate, max_ms) = etcd_hold(&chans, args.held).await;
+            println!(
+                "etcd: {} locks held under 64 leases, filled at {rate:.0} locks/s (max {max_ms:.0} ms); {}",
+                args.held,
+                footprint(&_etcd.0, dir.path(), "e")
+            );
         }
         for hot in [false, true] {
             for &n in &args.clients {
