@@ -77,7 +77,9 @@ pub struct CacheFlags {
     pub max_batch: usize,
     #[arg(long, env = "DSYNC_LEASE_MS", default_value_t = 1500)]
     pub lease_ms: u64,
-    #[arg(long, env = "DSYNC_INVALIDATION_TIMEOUT_MS", default_value_t = 1000)]
+    /// How long a node waits for a near cache's ack (then forgets it and
+    /// waits out its lease); a home waits about twice this for a node.
+    #[arg(long, env = "DSYNC_INVALIDATION_TIMEOUT_MS", default_value_t = 500)]
     pub invalidation_timeout_ms: u64,
 }
 
@@ -119,7 +121,7 @@ impl Default for CacheLimits {
             max_value_bytes: 1 << 20,
             max_batch: 1000,
             lease: Duration::from_millis(1500),
-            invalidation_timeout: Duration::from_millis(1000),
+            invalidation_timeout: Duration::from_millis(500),
             fence_after: Duration::from_millis(1500),
             max_tracked_per_client: 100_000,
             peer_timeout: Duration::from_millis(2000),

@@ -539,10 +539,12 @@ impl CacheNode {
         }
     }
 
-    /// How long a home waits for a holder's recall: the holder may wait
-    /// out a slow near cache (an ack timeout, then that client's lease).
+    /// How long a home waits for a holder's recall.
     fn recall_timeout(&self) -> Duration {
-        self.limits.invalidation_timeout + self.limits.lease + Duration::from_millis(500)
+        // A holder answers within its own ack timeout — twice if another
+        // invalidation of the key was under way — and reports any lease
+        // still to wait out instead of sleeping it.
+        self.limits.invalidation_timeout * 2 + Duration::from_millis(500)
     }
 
     /// Records a failed call to `node`; true when it has failed at least
@@ -882,6 +884,7 @@ impl CacheNode {
         let mut invalidated = Vec::new();
         let mut failure = None;
         let mut self_recalls = 0;
+        let mut wait = Duration::ZERO;
         for (n, r) in targets.iter().zip(recalls) {
             if *n == from {
                 self_recalls += 1;
@@ -892,12 +895,18 @@ impl CacheNode {
                     if r.had {
                         invalidated.push(*n);
                     }
+                    wait = wait.max(Duration::from_millis(r.wait_ms));
                 }
                 Err(s) => failure = Some(s),
             }
         }
         if let Some(s) = failure {
             return Err(s);
+        }
+        // A near cache that missed its invalidation serves until its lease
+        // ends: the write is acknowledged after that.
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         // Still this epoch's home, with a lease of this epoch?
         self.check_home(req.epoch, &key)?;
@@ -1064,12 +1073,17 @@ impl CacheNode {
         // was evicted) takes this node out of the directory: near caches
         // that registered the key through it must go too.
         let dropping = to == LineState::Invalid || line.is_none();
-        let mut told = 0;
+        let (mut told, mut until) = (0, None);
         if dropping && self.watchers.tracks(key) {
-            told = self.watchers.invalidate(key).await;
+            (told, until) = self.watchers.invalidate(key).await;
         }
         tracing::trace!(node = self.me, key = ?key, ?to, had = line.is_some(), told, "recalled");
-        let mut reply = RecallReply::default();
+        let mut reply = RecallReply {
+            wait_ms: until.map_or(0, |u: Instant| {
+                u.saturating_duration_since(Instant::now()).as_millis() as u64 + 1
+            }),
+            ..Default::default()
+        };
         if let Some(l) = line {
             reply.had = true;
             reply.entry = Some(l.entry.to_proto());
@@ -1172,7 +1186,7 @@ impl CacheNode {
                 from: self.me,
                 lines: Vec::new(),
             };
-            async move { self.peers.release(n, req).await }
+            async move { self.peers.release(n, req, self.limits.lease / 2).await }
         });
         let results = futures::future::join_all(probes).await;
         for ((n, inc), r) in others.into_iter().zip(results) {
@@ -1237,10 +1251,15 @@ async fn release_loop(node: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRecei
                 grant: line.grant,
             });
         }
-        // Run to the end (see Watchers::invalidate).
+        // Run to the end (see Watchers::invalidate); a forgotten near cache's
+        // lease runs out before the home stops listing this node.
         let w = node.clone();
         let _ = tokio::spawn(async move {
-            futures::future::join_all(tracked.iter().map(|k| w.watchers.invalidate(k))).await;
+            let waits =
+                futures::future::join_all(tracked.iter().map(|k| w.watchers.invalidate(k))).await;
+            if let Some(until) = waits.into_iter().filter_map(|(_, u)| u).max() {
+                tokio::time::sleep_until(until.into()).await;
+            }
         })
         .await;
         for (home, lines) in by_home {
@@ -1252,7 +1271,9 @@ async fn release_loop(node: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRecei
             let res = if home == node.me {
                 node.on_release(req).await
             } else {
-                node.peers.release(home, req).await
+                node.peers
+                    .release(home, req, node.limits.peer_timeout)
+                    .await
             };
             // An undelivered release leaves this node listed: harmless (a
             // later recall finds nothing), so it is not retried.

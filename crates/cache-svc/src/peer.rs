@@ -126,14 +126,15 @@ impl Peers {
             .await
     }
 
-    pub async fn release(&self, to: u64, req: ReleaseRequest) -> Result<(), Status> {
-        self.call(
-            to,
-            self.timeout,
-            |mut c| async move { c.release(req).await },
-        )
-        .await
-        .map(|_| ())
+    pub async fn release(
+        &self,
+        to: u64,
+        req: ReleaseRequest,
+        timeout: Duration,
+    ) -> Result<(), Status> {
+        self.call(to, timeout, |mut c| async move { c.release(req).await })
+            .await
+            .map(|_| ())
     }
 
     pub async fn store(&self, to: u64, cmd: StoreCommand) -> Result<u64, Status> {

@@ -162,14 +162,15 @@ impl Watchers {
     }
 
     /// Tells every client tracking `key` to drop it and waits for their
-    /// acks. Clients that do not ack in time are forgotten; then, as for
-    /// every client forgotten less than a lease ago that tracked the key,
-    /// their near-cache lease is waited out. An invalidation of the key
-    /// already under way is waited for too. Answers how many were told.
+    /// acks. Clients that do not ack in time are forgotten. Answers how many
+    /// were told, and — if a client forgotten less than a lease ago tracked
+    /// the key (just now, or earlier) — until when its near cache may still
+    /// serve it: a write must wait that out. An invalidation of the key
+    /// already under way is waited for first.
     ///
     /// Callers run it to the end (in a spawned task): dropped half-way, it
     /// would leave slow clients neither acknowledged nor forgotten.
-    pub async fn invalidate(&self, key: &Bytes) -> usize {
+    pub async fn invalidate(&self, key: &Bytes) -> (usize, Option<Instant>) {
         loop {
             {
                 let mut inner = self.inner.lock();
@@ -235,10 +236,7 @@ impl Watchers {
             }
             inner.tombstone_until(key)
         };
-        if let Some(until) = until {
-            tokio::time::sleep_until(until.into()).await;
-        }
-        told
+        (told, until)
     }
 
     pub fn on_ack(&self, id: u64, seq: u64) {
@@ -323,11 +321,11 @@ mod tests {
         let id = client(&w, true);
         assert_eq!(id >> 48, 7, "ids carry the node");
         assert!(w.track(id, &key()));
-        assert_eq!(w.invalidate(&key()).await, 1);
+        assert_eq!(w.invalidate(&key()).await, (1, None));
         assert_eq!(w.len(), 1, "it acked: still watching");
         // Registrations are one-shot (like Redis tracking).
         assert!(!w.tracks(b"k"));
-        assert_eq!(w.invalidate(&key()).await, 0);
+        assert_eq!(w.invalidate(&key()).await, (0, None));
     }
 
     #[tokio::test]
@@ -336,8 +334,11 @@ mod tests {
         let id = client(&w, false);
         assert!(w.track(id, &key()));
         let t = Instant::now();
-        w.invalidate(&key()).await;
-        assert!(t.elapsed() >= TIMEOUT + LEASE, "{:?}", t.elapsed());
+        let (told, until) = w.invalidate(&key()).await;
+        assert_eq!(told, 1);
+        assert!(t.elapsed() >= TIMEOUT, "{:?}", t.elapsed());
+        // Its lease may run until a lease after it was forgotten.
+        assert!(until.unwrap() >= t + TIMEOUT + LEASE);
         assert_eq!(w.len(), 0);
         assert!(!w.track(id, &key()), "a forgotten client cannot register");
     }
@@ -351,12 +352,9 @@ mod tests {
         w.remove(id);
         assert!(w.tracks(b"k"), "the tombstone keeps the key");
         let t = Instant::now();
-        w.invalidate(&key()).await;
-        assert!(
-            t.elapsed() >= LEASE - Duration::from_millis(20),
-            "{:?}",
-            t.elapsed()
-        );
+        let (told, until) = w.invalidate(&key()).await;
+        assert_eq!(told, 0);
+        assert!(until.unwrap() + Duration::from_millis(20) >= t + LEASE);
         // Other keys have no tombstone.
         assert!(!w.tracks(b"other"));
     }
