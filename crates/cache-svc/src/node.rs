@@ -688,7 +688,9 @@ impl CacheNode {
             return Ok(());
         };
         let r = self.recall(ep, m, key, LineState::Shared).await?;
-        self.dir_update(key, |d| d.downgraded(m, r.had));
+        // A holder whose forgotten near cache may still serve stays
+        // listed, so a later write still recalls it (and waits that out).
+        self.dir_update(key, |d| d.downgraded(m, r.had || r.wait_ms > 0));
         Ok(())
     }
 
@@ -765,7 +767,7 @@ impl CacheNode {
         // the only copy); its line supplies the value unless refreshing.
         if let Some(x) = self.dir_entry(&key).exclusive_other_than(from) {
             let r = self.recall(&ep, x, &key, LineState::Shared).await?;
-            self.dir_update(&key, |d| d.downgraded(x, r.had));
+            self.dir_update(&key, |d| d.downgraded(x, r.had || r.wait_ms > 0));
             if r.had && found.is_none() && !req.refresh {
                 found = Some((Entry::from_proto(r.entry), 1));
             }
