@@ -21,7 +21,7 @@
 //! - a fill installs its line only if no invalidation overtook its answer
 //!   (`fills.rs`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -343,23 +343,58 @@ impl CacheNode {
     fn check_home(&self, epoch: u64, key: &[u8]) -> Result<Arc<Epoch>, Status> {
         let ep = self.check_serving()?;
         if ep.view.epoch != epoch || ep.view.home(key).map(|h| h.0) != Some(self.me) {
-            return Err(error(
-                Code::FailedPrecondition,
-                format!(
-                    "request of epoch {epoch}; node {} is at epoch {}",
-                    self.me, ep.view.epoch
-                ),
-                "STALE_EPOCH",
-                [("epoch", ep.view.epoch.to_string())],
-            ));
+            return Err(self.stale_epoch(epoch, ep.view.epoch));
         }
         Ok(ep)
+    }
+
+    /// A home's entry into the protocol for `key` on behalf of `from`:
+    /// checked (epoch, home, lease), the key's lock taken, checked again
+    /// (the epoch may have moved while it waited), and `from`'s incarnation.
+    async fn serialize(
+        &self,
+        epoch: u64,
+        key: &Bytes,
+        from: u64,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Arc<Epoch>, u64), Status> {
+        self.check_home(epoch, key)?;
+        let guard = self.stripe(key).lock().await;
+        let ep = self.check_home(epoch, key)?;
+        let Some(&from_inc) = ep.view.members.get(&from) else {
+            return Err(unavailable(
+                "NOT_MEMBER",
+                format!("node {from} is not a member"),
+            ));
+        };
+        Ok((guard, ep, from_inc))
+    }
+
+    /// FAILED_PRECONDITION STALE_EPOCH: a request of epoch `epoch` reached
+    /// a node at epoch `at`.
+    fn stale_epoch(&self, epoch: u64, at: u64) -> Status {
+        error(
+            Code::FailedPrecondition,
+            format!(
+                "request of epoch {epoch}; node {} is at epoch {at}",
+                self.me
+            ),
+            "STALE_EPOCH",
+            [("epoch", at.to_string())],
+        )
     }
 
     fn stripe(&self, key: &[u8]) -> &tokio::sync::Mutex<()> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         &self.stripes[(h.finish() as usize) % STRIPES]
+    }
+
+    /// Reads the key's directory entry in place (an absent one is empty).
+    fn dir_read<R>(&self, key: &[u8], f: impl FnOnce(&DirEntry) -> R) -> R {
+        match self.dir.lock().get(key) {
+            Some(d) => f(d),
+            None => f(&DirEntry::default()),
+        }
     }
 
     fn dir_entry(&self, key: &[u8]) -> DirEntry {
@@ -684,7 +719,7 @@ impl CacheNode {
     /// A Modified holder (write-back mode) is downgraded to Shared before
     /// another node shares the line. Its value is the home's dirty entry.
     async fn settle_modified(&self, ep: &Epoch, key: &Bytes) -> Result<(), Status> {
-        let Some(m) = self.dir_entry(key).modified() else {
+        let Some(m) = self.dir_read(key, DirEntry::modified) else {
             return Ok(());
         };
         let r = self.recall(ep, m, key, LineState::Shared).await?;
@@ -717,7 +752,7 @@ impl CacheNode {
                     if ep.view.home(&key).map(|h| h.0) != Some(node.me) {
                         return; // `enter` flushed it when the home moved.
                     }
-                    let Some(e) = node.dir_entry(&key).dirty else {
+                    let Some(e) = node.dir_read(&key, |d| d.dirty.clone()) else {
                         return;
                     };
                     match node.store_entry(&key, &e).await {
@@ -746,26 +781,18 @@ impl CacheNode {
     /// the home keeps a copy too, so later fills do not reach the store.
     pub async fn home_fetch(&self, req: FetchRequest) -> Result<LineGrant, Status> {
         let key = Bytes::from(req.key);
-        self.check_home(req.epoch, &key)?;
-        let _g = self.stripe(&key).lock().await;
-        let ep = self.check_home(req.epoch, &key)?;
         let from = req.from;
-        let Some(&from_inc) = ep.view.members.get(&from) else {
-            return Err(unavailable(
-                "NOT_MEMBER",
-                format!("node {from} is not a member"),
-            ));
-        };
+        let (_g, ep, from_inc) = self.serialize(req.epoch, &key, from).await?;
         let mut self_recalls = 0;
-        if self.dir_entry(&key).modified() == Some(from) {
+        if self.dir_read(&key, DirEntry::modified) == Some(from) {
             self_recalls += 1;
         }
         self.settle_modified(&ep, &key).await?;
         // A dirty value (write-back) is the current one.
-        let mut found = self.dir_entry(&key).dirty.map(|e| (e, 1u32));
+        let mut found = self.dir_read(&key, |d| d.dirty.clone()).map(|e| (e, 1u32));
         // An Exclusive holder becomes Shared (a refresh too, so E stays
         // the only copy); its line supplies the value unless refreshing.
-        if let Some(x) = self.dir_entry(&key).exclusive_other_than(from) {
+        if let Some(x) = self.dir_read(&key, |d| d.exclusive_other_than(from)) {
             let r = self.recall(&ep, x, &key, LineState::Shared).await?;
             self.dir_update(&key, |d| d.downgraded(x, r.had || r.wait_ms > 0));
             if r.had && found.is_none() && !req.refresh {
@@ -783,13 +810,13 @@ impl CacheNode {
             Some(f) => f,
             None => {
                 let e = self.store.get(&key).await.map_err(store_status)?;
-                let known = self.dir_entry(&key).known;
+                let known = self.dir_read(&key, |d| d.known);
                 if req.refresh
                     && known.is_some_and(|k| k.found != e.found || k.version != e.version)
                 {
                     // The store changed behind dsync's back: no copy of the
                     // old value may outlive this refresh.
-                    for n in self.dir_entry(&key).others(Some(from)) {
+                    for n in self.dir_read(&key, |d| d.others(Some(from))) {
                         self.recall(&ep, n, &key, LineState::Invalid).await?;
                         self.dir_update(&key, |d| d.invalidated(n));
                     }
@@ -848,20 +875,12 @@ impl CacheNode {
     /// A write of `req.key` for `req.from`: CAS check, every copy recalled,
     /// the store written (write-through, deletes), the writer granted the
     /// new line (E, or M in write-back mode).
-    pub async fn home_write(&self, req: WriteRequest) -> Result<WriteReply, Status> {
-        let key = Bytes::from(req.key.clone());
-        self.check_home(req.epoch, &key)?;
-        let _g = self.stripe(&key).lock().await;
-        let ep = self.check_home(req.epoch, &key)?;
+    pub async fn home_write(&self, mut req: WriteRequest) -> Result<WriteReply, Status> {
+        let key = Bytes::from(std::mem::take(&mut req.key));
         let from = req.from;
-        let Some(&from_inc) = ep.view.members.get(&from) else {
-            return Err(unavailable(
-                "NOT_MEMBER",
-                format!("node {from} is not a member"),
-            ));
-        };
+        let (_g, ep, from_inc) = self.serialize(req.epoch, &key, from).await?;
         let op = req.op();
-        let cur = match self.dir_entry(&key).known {
+        let cur = match self.dir_read(&key, |d| d.known) {
             Some(k) => k.at(now_ms()),
             None => Known::of(&self.store.get(&key).await.map_err(store_status)?),
         };
@@ -875,7 +894,7 @@ impl CacheNode {
                 ));
             }
         }
-        let targets = self.dir_entry(&key).others(None);
+        let targets = self.dir_read(&key, |d| d.others(None));
         tracing::trace!(node = self.me, key = ?key, from, ?op, ?targets, "write");
         let recalls = futures::future::join_all(
             targets
@@ -1025,15 +1044,7 @@ impl CacheNode {
     pub async fn on_release(&self, req: ReleaseRequest) -> Result<(), Status> {
         let ep = self.epoch();
         if ep.view.epoch != req.epoch {
-            return Err(error(
-                Code::FailedPrecondition,
-                format!(
-                    "release of epoch {}; node {} is at epoch {}",
-                    req.epoch, self.me, ep.view.epoch
-                ),
-                "STALE_EPOCH",
-                [("epoch", ep.view.epoch.to_string())],
-            ));
+            return Err(self.stale_epoch(req.epoch, ep.view.epoch));
         }
         for r in req.lines {
             let key = Bytes::from(r.key);
@@ -1222,10 +1233,6 @@ impl CacheNode {
     pub fn run_pending(&self) {
         self.lines.run_pending_tasks();
     }
-
-    pub fn members(&self) -> BTreeMap<u64, u64> {
-        self.epoch().view.members.clone()
-    }
 }
 
 /// Tells homes about lines that left this node's cache: first the near
@@ -1286,16 +1293,12 @@ async fn release_loop(node: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRecei
     }
 }
 
-/// Keys whose lines this node holds, by state (for tests and status).
+/// Lines this node holds, by state (Shared, Exclusive, Modified), counted
+/// one by one (tests; `Stats::lines` is the cheap running count).
 pub fn count_states(node: &CacheNode) -> [u64; 3] {
     let mut counts = [0u64; 3];
     for (_, l) in node.lines.iter() {
         counts[state_slot(l.state)] += 1;
     }
     counts
-}
-
-/// Keys of `set` this node currently holds a line of.
-pub fn held(node: &CacheNode, keys: &HashSet<Bytes>) -> usize {
-    keys.iter().filter(|k| node.lines.contains_key(*k)).count()
 }

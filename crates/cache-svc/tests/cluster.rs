@@ -407,20 +407,10 @@ async fn redis_down_refuses_writes_and_keeps_coherent_reads() {
 
 /// One client's loop of random reads, writes, CAS and deletes over `keys`,
 /// each recorded in `h`. Values are unique per write.
-async fn client_loop(
-    cl: CacheClient,
-    id: u64,
-    keys: usize,
-    ops: usize,
-    h: Arc<History>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) {
+async fn client_loop(cl: CacheClient, id: u64, keys: usize, ops: usize, h: Arc<History>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(id);
     let mut last_version: std::collections::HashMap<String, u64> = Default::default();
     for i in 0..ops {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
         let key = format!("lin-{}", rng.random_range(0..keys));
         let dice = rng.random_range(0..100);
         let t0 = h.now();
@@ -511,17 +501,17 @@ fn applied_unknown(e: &tonic::Status) -> bool {
     }
 }
 
-async fn run_history(
+/// Starts one `client_loop` per (node, near cache?) — each near cache
+/// live first — recording into `h`.
+async fn start_clients(
     c: &Cluster,
-    clients: Vec<(u64, bool)>,
+    clients: &[(u64, bool)],
     keys: usize,
     ops: usize,
-    during: impl std::future::Future<Output = ()>,
-) -> usize {
-    let h = History::new();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    h: &Arc<History>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
-    for (i, (node, near)) in clients.into_iter().enumerate() {
+    for (i, &(node, near)) in clients.iter().enumerate() {
         let cl = c.client(node, near);
         if near {
             near_live(&cl).await;
@@ -532,10 +522,14 @@ async fn run_history(
             keys,
             ops,
             h.clone(),
-            stop.clone(),
         )));
     }
-    during.await;
+    tasks
+}
+
+/// Waits for the clients, then checks the history per key (printing the
+/// failing key's events); answers how many operations were checked.
+async fn checked(tasks: Vec<tokio::task::JoinHandle<()>>, h: &History) -> usize {
     for t in tasks {
         tokio::time::timeout(Duration::from_secs(120), t)
             .await
@@ -550,6 +544,19 @@ async fn run_history(
             panic!("not linearizable: {v}")
         }
     }
+}
+
+async fn run_history(
+    c: &Cluster,
+    clients: Vec<(u64, bool)>,
+    keys: usize,
+    ops: usize,
+    during: impl std::future::Future<Output = ()>,
+) -> usize {
+    let h = History::new();
+    let tasks = start_clients(c, &clients, keys, ops, &h).await;
+    during.await;
+    checked(tasks, &h).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -573,26 +580,9 @@ async fn linearizable_while_a_node_is_killed_and_restarted() {
     let redis = Redis::start();
     let mut c = Cluster::start(3, &redis.url(), test_limits()).await;
     let h = History::new();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
     // Clients on nodes 1 and 2 only: node 3 is the one killed.
-    for (i, (node, near)) in [(1, true), (1, false), (2, true), (2, false)]
-        .into_iter()
-        .enumerate()
-    {
-        let cl = c.client(node, near);
-        if near {
-            near_live(&cl).await;
-        }
-        tasks.push(tokio::spawn(client_loop(
-            cl,
-            i as u64 + 1,
-            4,
-            400,
-            h.clone(),
-            stop.clone(),
-        )));
-    }
+    let clients = [(1, true), (1, false), (2, true), (2, false)];
+    let tasks = start_clients(&c, &clients, 4, 400, &h).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.kill(3).await;
     // Nodes 1 and 2 fence node 3 out once they miss it, and carry on.
@@ -600,14 +590,7 @@ async fn linearizable_while_a_node_is_killed_and_restarted() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.restart(3).await;
     c.wait_ready(&[]).await;
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-    let events = h.events();
-    let n = check(&events, &None).unwrap_or_else(|v| panic!("not linearizable: {v}"));
+    let n = checked(tasks, &h).await;
     assert!(n > 500, "only {n} operations checked");
     // Node 3 is back and serves, with its own near-cache clients.
     let cl = c.client(3, true);
@@ -649,31 +632,10 @@ async fn linearizable_while_redis_restarts() {
     let mut redis = Redis::start();
     let c = Cluster::start(3, &redis.url(), test_limits()).await;
     let h = History::new();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (i, (node, near)) in [(1, true), (2, false), (3, true)].into_iter().enumerate() {
-        let cl = c.client(node, near);
-        if near {
-            near_live(&cl).await;
-        }
-        tasks.push(tokio::spawn(client_loop(
-            cl,
-            i as u64 + 1,
-            4,
-            300,
-            h.clone(),
-            stop.clone(),
-        )));
-    }
+    let tasks = start_clients(&c, &[(1, true), (2, false), (3, true)], 4, 300, &h).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.restart();
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-    let n = check(&h.events(), &None).unwrap_or_else(|v| panic!("not linearizable: {v}"));
+    let n = checked(tasks, &h).await;
     assert!(n > 300, "only {n} operations checked");
 }
 

@@ -9,6 +9,10 @@
 //! Time is real (Raft ticks every 10 ms), so tests wait on conditions with
 //! generous bounds rather than counting ticks; the faults themselves are
 //! deterministic.
+//!
+//! For benchmarks and process tests: [`free_port`], [`Procs`] (children
+//! killed on drop), [`release_binary`] and [`spawn_replicas`] (three
+//! replicas of a service binary configured by `DSYNC_*` variables).
 
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -532,6 +536,75 @@ pub async fn bind_local(
         listeners.push(l);
     }
     Ok((listeners, addrs))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read and released, for a process
+/// that binds it itself; another may take it meanwhile).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Child processes, killed and reaped when this is dropped (benchmarks and
+/// process tests never leave replicas behind, even when they panic).
+pub struct Procs(pub Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The release build of binary `bin` in the workspace's target directory
+/// (`$CARGO_TARGET_DIR`, else `<workspace>/target`).
+pub fn release_binary(bin: &str) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+        .join("release")
+        .join(bin)
+}
+
+/// Starts three replicas of the service binary `bin` on free 127.0.0.1
+/// ports, configured only by `DSYNC_*` variables (node id, listen address,
+/// peers, data directory `<dir>/n<id>`; `RUST_LOG=warn`) plus `env`.
+/// Answers the processes and their addresses (node 1 first).
+pub fn spawn_replicas(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (Procs, Vec<String>) {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let mut procs = Procs(Vec::new());
+    for (i, p) in ports.iter().enumerate() {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.env("DSYNC_NODE_ID", (i + 1).to_string())
+            .env("DSYNC_LISTEN", format!("127.0.0.1:{p}"))
+            .env("DSYNC_PEERS", peers.join(","))
+            .env("DSYNC_DATA_DIR", dir.join(format!("n{}", i + 1)))
+            .env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        procs.0.push(child);
+    }
+    (
+        procs,
+        ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+    )
 }
 
 impl GrpcNode {

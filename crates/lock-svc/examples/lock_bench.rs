@@ -15,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use consensus::testkit::{free_port, release_binary, spawn_replicas, Procs};
 use dsync_client::{LockClient, LockMode};
 use hdrhistogram::Histogram;
 use proto::etcd::etcdserverpb::lease_client::LeaseClient;
@@ -203,55 +204,11 @@ async fn etcd_hold(chans: &[tonic::transport::Channel], held: usize) -> (f64, f6
     )
 }
 
-/// Processes killed on drop.
-struct Procs(Vec<std::process::Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts three `lock-svc` processes (the release binary `cargo xtask
 /// bench lock` builds) on loopback; answers their addresses once a session
 /// can be opened.
 async fn start_dsync(dir: &std::path::Path) -> (Procs, Vec<String>) {
-    let bin = std::env::var("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
-        })
-        .join("release/lock-svc");
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect();
-    let mut procs = Procs(Vec::new());
-    for (i, p) in ports.iter().enumerate() {
-        let child = std::process::Command::new(&bin)
-            .env("DSYNC_NODE_ID", (i + 1).to_string())
-            .env("DSYNC_LISTEN", format!("127.0.0.1:{p}"))
-            .env("DSYNC_PEERS", peers.join(","))
-            .env("DSYNC_DATA_DIR", dir.join(format!("n{}", i + 1)))
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        procs.0.push(child);
-    }
-    let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let (procs, endpoints) = spawn_replicas(&release_binary("lock-svc"), dir, &[]);
     let probe = LockClient::connect(endpoints.clone()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -374,6 +331,12 @@ async fn etcd_row(chans: &[tonic::transport::Channel], n: usize, hot: bool, seco
             })
         })
         .collect();
+    gather(tasks, seconds).await
+}
+
+/// Waits for a row's clients (each answering its pair latencies and
+/// errors) and sums them into the row.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64)>>, seconds: u64) -> Row {
     let t0 = Instant::now();
     let (mut all, mut errors) = (hist(), 0);
     for t in tasks {
@@ -559,12 +522,5 @@ async fn dsync_row(conns: &[LockClient], n: usize, hot: bool, seconds: u64) -> R
             })
         })
         .collect();
-    let t0 = Instant::now();
-    let (mut all, mut errors) = (hist(), 0);
-    for t in tasks {
-        let (h, e) = t.await.unwrap();
-        all.add(h).unwrap();
-        errors += e;
-    }
-    Row::of(&all, t0.elapsed().as_secs_f64().max(seconds as f64), errors)
+    gather(tasks, seconds).await
 }

@@ -5,16 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use consensus::testkit::{free_port, Procs};
 
 /// Starts replica `i` (0-based) configured only by environment variables.
 fn spawn_replica(i: usize, port: u16, peers: &[String], dir: &std::path::Path) -> Child {
@@ -60,15 +51,7 @@ fn lock_svc_processes_form_a_cluster_usable_from_the_cli() {
         dsync_bin().display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peers: Vec<String> = ports
         .iter()
         .enumerate()

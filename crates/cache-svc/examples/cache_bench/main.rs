@@ -17,12 +17,12 @@
 //! Each row prints throughput, p50/p99 of gets and sets, and the ratio to
 //! the Redis row. Figures go to BENCHMARKS.md with the command.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use consensus::testkit::{free_port, release_binary, spawn_replicas, Procs};
 use dsync_client::cache::{CacheClient, CacheOptions};
 use hdrhistogram::Histogram;
 use rand::{RngExt, SeedableRng};
@@ -96,29 +96,6 @@ impl Zipf {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn start_redis(dir: &std::path::Path) -> (Procs, u16) {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
@@ -151,35 +128,12 @@ async fn start_dsync(
     store: &str,
     extra: &[(&str, String)],
 ) -> (Procs, Vec<String>) {
-    let bin = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace().join("target"))
-        .join("release/cache-svc");
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect();
-    let mut procs = Procs(Vec::new());
-    for (i, p) in ports.iter().enumerate() {
-        let mut cmd = Command::new(&bin);
-        cmd.env("DSYNC_NODE_ID", (i + 1).to_string())
-            .env("DSYNC_LISTEN", format!("127.0.0.1:{p}"))
-            .env("DSYNC_PEERS", peers.join(","))
-            .env("DSYNC_DATA_DIR", dir.join(format!("n{}", i + 1)))
-            .env("DSYNC_STORE", store)
-            .env("DSYNC_MEMORY_LIMIT_MB", "512")
-            .env("RUST_LOG", "warn");
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        procs.0.push(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("start {}: {e}", bin.display())),
-        );
-    }
-    let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut env = vec![
+        ("DSYNC_STORE", store.to_string()),
+        ("DSYNC_MEMORY_LIMIT_MB", "512".to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    let (procs, endpoints) = spawn_replicas(&release_binary("cache-svc"), dir, &env);
     // Ready: every node a member of one epoch with all three.
     let probe = CacheClient::with_options(
         endpoints.clone(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cache_svc::config::{CacheLimits, WritePolicy};
 use cache_svc::server::{CacheConfig, CacheServer};
-use consensus::testkit::{bind_local, Faults};
+use consensus::testkit::{bind_local, free_port, Faults};
 use dsync_client::cache::{CacheClient, CacheOptions};
 
 /// A `redis-server` process (Debian package) on a free 127.0.0.1 port,
@@ -22,11 +22,7 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut r = Self {
             port,
             dir: tempfile::tempdir().unwrap(),
@@ -284,11 +280,7 @@ impl RedisCluster {
     pub fn start() -> Self {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let dir = tempfile::tempdir().unwrap();
             let child = Command::new(which("redis-server").expect("redis-server"))
                 .args([

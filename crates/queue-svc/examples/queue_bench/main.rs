@@ -16,12 +16,13 @@
 //! Run with `cargo xtask bench queue` (which builds the release binary).
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use consensus::testkit::{free_port, release_binary, spawn_replicas, Procs};
 use dsync_client::{Conn, Options, QueueClient};
 use hdrhistogram::Histogram;
 use proto::queue::v1 as pb;
@@ -59,26 +60,6 @@ fn hist() -> Histogram<u64> {
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Children killed (and reaped) on drop, so a failed bench leaves nothing.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -356,35 +337,6 @@ async fn e2e_row(t: Arc<dyn Target>, topic: &str, total: u64, size: usize) -> Ro
     }
 }
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-async fn start_dsync(bin: &PathBuf, dir: &std::path::Path) -> (Procs, Vec<String>) {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect();
-    let mut procs = Procs(Vec::new());
-    for (i, p) in ports.iter().enumerate() {
-        let child = Command::new(bin)
-            .env("DSYNC_NODE_ID", (i + 1).to_string())
-            .env("DSYNC_LISTEN", format!("127.0.0.1:{p}"))
-            .env("DSYNC_PEERS", peers.join(","))
-            .env("DSYNC_DATA_DIR", dir.join(format!("n{}", i + 1)))
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        procs.0.push(child);
-    }
-    (
-        procs,
-        ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
-    )
-}
-
 async fn dsync_topic(c: &QueueClient, name: &str, partitions: u32, durability: pb::Durability) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -433,14 +385,12 @@ fn nats_available() -> bool {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args = Args::parse();
-    let bin = args.queue_bin.clone().unwrap_or_else(|| {
-        std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join("target"))
-            .join("release/queue-svc")
-    });
+    let bin = args
+        .queue_bin
+        .clone()
+        .unwrap_or_else(|| release_binary("queue-svc"));
     let dir = tempfile::tempdir().unwrap();
-    let (dsync_procs, endpoints) = start_dsync(&bin, &dir.path().join("dsync")).await;
+    let (dsync_procs, endpoints) = spawn_replicas(&bin, &dir.path().join("dsync"), &[]);
     let mk = || QueueClient::new(Conn::new(endpoints.clone(), Options::default()).unwrap());
     let admin = mk();
     let dsync: Arc<dyn Target> = Arc::new(Dsync {
