@@ -110,8 +110,32 @@ impl LockClient {
             .conn
             .call(|ch| async move {
                 LockServiceClient::new(ch)
-                    .keep_alive(req(KeepAliveRequest { session_id }, t))
+                    .keep_alive(req(
+                        KeepAliveRequest {
+                            session_id,
+                            ..Default::default()
+                        },
+                        t,
+                    ))
                     .await
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Renews many sessions in one call; each answers in `results`, in
+    /// order (a session that is gone answers its reason, not an error).
+    pub async fn keep_alive_many(&self, session_ids: &[u64]) -> Result<KeepAliveResponse, Status> {
+        let t = self.timeout();
+        let msg = KeepAliveRequest {
+            session_id: 0,
+            session_ids: session_ids.to_vec(),
+        };
+        Ok(self
+            .conn
+            .call(|ch| {
+                let msg = msg.clone();
+                async move { LockServiceClient::new(ch).keep_alive(req(msg, t)).await }
             })
             .await?
             .into_inner())

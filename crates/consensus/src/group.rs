@@ -129,8 +129,12 @@ pub(crate) struct Driver {
     snapshot_waiters: Vec<Reply<u64>>,
     /// Proposals by the log index their entry was appended at.
     pending: BTreeMap<u64, Pending>,
-    /// read_index requests by their context id, until raft-rs confirms them.
-    reads: HashMap<u64, (Instant, Reply<u64>)>,
+    /// read_index requests by the context id of the raft-rs read that
+    /// answers them, until raft-rs confirms it. Requests that arrive in one
+    /// drain of the inbox share one raft-rs read (one heartbeat round).
+    reads: HashMap<u64, Vec<(Instant, Reply<u64>)>>,
+    /// The read collecting this drain's requests, issued after the drain.
+    open_read: Option<u64>,
     /// When each unconfirmed read was last (re)sent: a read request, or
     /// its answer, lost in transit (raft-rs also drops one that reaches a
     /// leader before it committed in its term) is never retried by raft-rs.
@@ -184,6 +188,7 @@ impl Driver {
             snapshot_waiters: Vec::new(),
             pending: BTreeMap::new(),
             reads: HashMap::new(),
+            open_read: None,
             reads_sent: HashMap::new(),
             ready_reads: Vec::new(),
             next_read_id: 0,
@@ -224,6 +229,7 @@ impl Driver {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stopping = true,
             }
+            self.issue_read();
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
@@ -275,11 +281,15 @@ impl Driver {
                 if self.raw.raft.leader_id == raft::INVALID_ID {
                     let _ = reply.send(Err(self.not_leader()));
                 } else {
-                    self.next_read_id += 1;
-                    let id = self.next_read_id;
-                    self.reads.insert(id, (deadline, reply));
-                    self.reads_sent.insert(id, Instant::now());
-                    self.raw.read_index(id.to_be_bytes().to_vec());
+                    let id = match self.open_read {
+                        Some(id) => id,
+                        None => {
+                            self.next_read_id += 1;
+                            self.open_read = Some(self.next_read_id);
+                            self.next_read_id
+                        }
+                    };
+                    self.reads.entry(id).or_default().push((deadline, reply));
                 }
             }
             Request::TransferLeader {
@@ -390,6 +400,15 @@ impl Driver {
         }
     }
 
+    /// Issues the read that this drain's read_index requests share (each
+    /// arrived before it, so its confirmation is fresh for all of them).
+    fn issue_read(&mut self) {
+        if let Some(id) = self.open_read.take() {
+            self.reads_sent.insert(id, Instant::now());
+            self.raw.read_index(id.to_be_bytes().to_vec());
+        }
+    }
+
     fn expire(&mut self, now: Instant) {
         // Re-send reads unconfirmed for a while (raft-rs ignores a
         // duplicate of one it still holds).
@@ -418,17 +437,16 @@ impl Driver {
                 let _ = p.reply.send(Err(Error::Timeout));
             }
         }
-        let expired: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, (d, _))| *d <= now)
-            .map(|(i, _)| *i)
-            .collect();
-        for i in expired {
-            if let Some((_, reply)) = self.reads.remove(&i) {
+        for waiting in self.reads.values_mut() {
+            let (late, on_time): (Vec<_>, Vec<_>) = std::mem::take(waiting)
+                .into_iter()
+                .partition(|(d, _)| *d <= now);
+            *waiting = on_time;
+            for (_, reply) in late {
                 let _ = reply.send(Err(Error::Timeout));
             }
         }
+        self.reads.retain(|_, waiting| !waiting.is_empty());
         let leader = self.raw.raft.leader_id;
         let transfers = std::mem::take(&mut self.transfers);
         for (to, deadline, reply) in transfers {
@@ -453,7 +471,7 @@ impl Driver {
             )));
         }
         let err = self.not_leader();
-        for (_, (_, r)) in self.reads.drain() {
+        for (_, r) in self.reads.drain().flat_map(|(_, w)| w) {
             let _ = r.send(Err(err.clone()));
         }
     }
@@ -465,7 +483,7 @@ impl Driver {
                 "it was in flight when the group stopped here ({err})"
             ))));
         }
-        for (_, (_, r)) in self.reads.drain() {
+        for (_, r) in self.reads.drain().flat_map(|(_, w)| w) {
             let _ = r.send(Err(err.clone()));
         }
         for (_, r) in self.ready_reads.drain(..) {
@@ -523,7 +541,7 @@ impl Driver {
         }
         for rs in rd.take_read_states() {
             let id = read_id(&rs.request_ctx);
-            if let Some((_, reply)) = self.reads.remove(&id) {
+            for (_, reply) in self.reads.remove(&id).unwrap_or_default() {
                 self.ready_reads.push((rs.index, reply));
             }
         }
@@ -764,7 +782,13 @@ impl Driver {
         let mut s = self.status.lock();
         s.role = raft.state.into();
         s.term = raft.term;
-        s.leader = (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id);
+        let leader = (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id);
+        if s.leader != leader {
+            s.leader_addr = leader
+                .filter(|l| *l != raft.id)
+                .and_then(|l| self.transport.peer_addr(l));
+        }
+        s.leader = leader;
         s.commit = raft.raft_log.committed;
         s.applied = self.applied;
         s.last_index = raft.raft_log.last_index();

@@ -29,6 +29,8 @@ pub struct GroupStatus {
     pub term: u64,
     /// The leader this node knows of, if any.
     pub leader: Option<u64>,
+    /// That leader's address, when it is another node the transport knows.
+    pub leader_addr: Option<String>,
     pub commit: u64,
     pub applied: u64,
     pub last_index: u64,
@@ -51,6 +53,17 @@ pub struct GroupStatus {
 impl GroupStatus {
     pub fn is_leader(&self) -> bool {
         self.role == Role::Leader
+    }
+
+    /// The error for a request only the leader may answer, with this
+    /// node's hint (as the driver gives it).
+    pub fn not_leader(&self) -> crate::Error {
+        let other = self.leader.filter(|l| *l != self.node);
+        crate::Error::NotLeader {
+            leader: other,
+            leader_addr: other.and(self.leader_addr.clone()),
+            term: self.term,
+        }
     }
 
     /// The proto form served by admin APIs.

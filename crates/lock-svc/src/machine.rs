@@ -13,8 +13,11 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
+use proto::lock::v1::internal::command::Cmd;
+use proto::lock::v1::internal::outcome::Result as Res;
 use proto::lock::v1::internal::{Command, Error, ErrorCode, Outcome};
 
+use crate::lessor::Lessor;
 use crate::state::{Event, LockState};
 
 /// Undelivered outcomes kept for handlers that have not registered yet.
@@ -117,12 +120,34 @@ fn decode(data: &[u8]) -> Result<LockState, String> {
 pub struct LockMachine {
     pub state: Arc<RwLock<LockState>>,
     pub waits: Arc<Waits>,
+    /// Told of sessions opening and ending (it keeps leases on the leader).
+    pub lessor: Arc<Lessor>,
 }
 
 impl consensus::StateMachine for LockMachine {
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
         let (outcome, events) = match Command::decode(command) {
-            Ok(cmd) => self.state.write().apply(index, cmd),
+            Ok(cmd) => {
+                let ending = match &cmd.cmd {
+                    Some(Cmd::CloseSession(c)) => vec![c.session_id],
+                    Some(Cmd::ExpireSessions(e)) => e.session_ids.clone(),
+                    _ => Vec::new(),
+                };
+                let opening = matches!(cmd.cmd, Some(Cmd::OpenSession(_)));
+                // The lessor learns under the table's lock, ordered with
+                // its activation (which reads the table).
+                let mut st = self.state.write();
+                let applied = st.apply(index, cmd);
+                if let (true, Some(Res::Session(s))) = (opening, &applied.0.result) {
+                    self.lessor.opened(s.session_id, s.ttl_ms);
+                }
+                for id in ending {
+                    if !st.sessions.contains_key(&id) {
+                        self.lessor.ended(id);
+                    }
+                }
+                applied
+            }
             Err(e) => (
                 Outcome {
                     result: Some(proto::lock::v1::internal::outcome::Result::Error(Error {
@@ -171,6 +196,7 @@ mod tests {
         LockMachine {
             state: Arc::new(RwLock::new(LockState::new(Default::default()))),
             waits: Arc::new(Waits::default()),
+            lessor: Arc::new(Lessor::default()),
         }
     }
 

@@ -8,13 +8,14 @@ use std::time::Duration;
 use chassis::Replica;
 use consensus::Node;
 use parking_lot::RwLock;
-use proto::lock::v1::internal::{command::Cmd, Tick};
+use proto::lock::v1::internal::{command::Cmd, ExpireSessions, Tick};
 use proto::lock::v1::lock_service_server::LockServiceServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
 
 use crate::config::LockConfig;
+use crate::lessor::Lessor;
 use crate::machine::{LockMachine, Waits};
 use crate::service::{Locks, GROUP};
 use crate::state::LockState;
@@ -37,6 +38,7 @@ impl LockServer {
         let mut replica = Replica::open(cfg.replica.clone())?;
         let state = Arc::new(RwLock::new(LockState::new(cfg.limits)));
         let waits = Arc::new(Waits::default());
+        let lessor = Arc::new(Lessor::default());
         let group = replica
             .node()
             .start_group(
@@ -45,6 +47,7 @@ impl LockServer {
                 Box::new(LockMachine {
                     state: state.clone(),
                     waits: waits.clone(),
+                    lessor: lessor.clone(),
                 }),
             )
             .map_err(|e| e.to_string())?;
@@ -52,6 +55,7 @@ impl LockServer {
             group,
             state,
             waits,
+            lessor,
             limits: cfg.limits,
         };
         replica.serve(
@@ -95,12 +99,12 @@ impl LockServer {
     }
 }
 
-/// On the leader, proposes a `Tick` every `interval` while there are
-/// sessions, and once per new term with `refresh_sessions` so an election
-/// does not expire sessions whose keep-alives could not get through. Also
-/// publishes the lock table's gauges (on every replica).
+/// On the leader, every `interval`: expires the sessions whose leases
+/// passed (`ExpireSessions`, see `crate::lessor`), and proposes a `Tick`
+/// while waits exist (overdue waits, the deadlock scan). A replica that
+/// does not lead keeps no leases. Also publishes the lock table's gauges
+/// (on every replica).
 async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver<bool>) {
-    let mut ticked_term = 0;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -109,21 +113,35 @@ async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver
         publish_gauges(&locks);
         let st = locks.group.status();
         if !st.is_leader() {
-            ticked_term = 0;
+            locks.lessor.deactivate();
             continue;
         }
-        let refresh = st.term != ticked_term;
-        if !refresh && locks.state.read().sessions.is_empty() {
+        // A new leader starts its leases now rather than at its first
+        // keep-alive, so its sessions' expiry does not wait for one.
+        let term = match locks.confirm_leading().await {
+            Ok(term) if term == st.term => term,
+            _ => continue,
+        };
+        let due = locks.lessor.due(term, std::time::Instant::now());
+        if !due.is_empty() {
+            tracing::info!(sessions = ?due, "sessions expired: no keep-alive within their TTL");
+            let expire = Cmd::ExpireSessions(ExpireSessions {
+                session_ids: due.clone(),
+            });
+            if let Err(e) = locks.propose(expire).await {
+                tracing::debug!(error = %e, "session expiry not committed; retried");
+                locks.lessor.retry(term, &due);
+            }
+        }
+        if locks.state.read().waiters.is_empty() {
             continue;
         }
-        match locks
-            .propose(Cmd::Tick(Tick {
-                refresh_sessions: refresh,
-            }))
-            .await
-        {
-            Ok(_) => ticked_term = st.term,
-            Err(e) => tracing::debug!(error = %e, "tick not committed"),
+        let tick = Cmd::Tick(Tick {
+            refresh_sessions: false,
+            leases_in_memory: true,
+        });
+        if let Err(e) = locks.propose(tick).await {
+            tracing::debug!(error = %e, "tick not committed");
         }
     }
 }
@@ -131,6 +149,7 @@ async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver
 fn publish_gauges(locks: &Locks) {
     let s = locks.state.read();
     metrics::gauge!("dsync_lock_sessions").set(s.sessions.len() as f64);
+    metrics::gauge!("dsync_lock_leases_kept").set(locks.lessor.len() as f64);
     metrics::gauge!("dsync_lock_locks_held").set(s.locks.len() as f64);
     metrics::gauge!("dsync_lock_waiters").set(s.waiters.len() as f64);
     metrics::gauge!("dsync_lock_resources").set(s.resources.len() as f64);

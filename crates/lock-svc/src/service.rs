@@ -33,6 +33,7 @@ use proto::lock::v1::*;
 use proto::status::error;
 use tonic::{Request, Response, Status};
 
+use crate::lessor::{Lessor, Renewal};
 use crate::machine::Waits;
 use crate::state::{Holder as StateHolder, Limits, LockState, Mode};
 
@@ -52,8 +53,12 @@ pub struct Locks {
     pub group: GroupHandle,
     pub state: Arc<RwLock<LockState>>,
     pub waits: Arc<Waits>,
+    pub lessor: Arc<Lessor>,
     pub limits: Limits,
 }
+
+/// Most sessions one KeepAlive renews.
+pub const MAX_KEEPALIVE_SESSIONS: usize = 10_000;
 
 /// The status for a state machine error: its code, message, reason and
 /// metadata.
@@ -330,6 +335,65 @@ impl Locks {
         Ok(Duration::from_millis(ms))
     }
 
+    /// Confirms that this replica leads, with a read index issued now (so
+    /// after whatever request the caller received): answers the term it
+    /// leads in, with its session leases kept for that term. A new leader's
+    /// first call starts the leases (every session gets a fresh TTL) once
+    /// everything committed before its term is applied.
+    pub async fn confirm_leading(&self) -> Result<u64, Status> {
+        let st = self.group.status();
+        if !st.is_leader() {
+            return Err(to_status(&st.not_leader(), GROUP));
+        }
+        self.read_barrier().await?;
+        let now = self.group.status();
+        if !now.is_leader() || now.term != st.term {
+            return Err(to_status(&now.not_leader(), GROUP));
+        }
+        if self.lessor.term() != st.term {
+            let table = self.state.read();
+            self.lessor
+                .activate(st.term, table.sessions.values().map(|s| (s.id, s.ttl_ms)));
+        }
+        Ok(st.term)
+    }
+
+    /// Renews one session's lease for the leader of `term`: its TTL in ms,
+    /// or the status that says why not (the outer error: not leading).
+    fn renew(
+        &self,
+        term: u64,
+        id: u64,
+        received: std::time::Instant,
+    ) -> Result<Result<u64, Status>, Status> {
+        let gone = |st: &LockState| {
+            let (reason, message) = match st.expired.get(&id) {
+                Some(at) => (
+                    "SESSION_EXPIRED",
+                    format!("session {id} expired at {at} ms (its TTL passed without a keep-alive); open a new session"),
+                ),
+                None => ("SESSION_NOT_FOUND", format!("session {id} does not exist")),
+            };
+            let code = if reason == "SESSION_EXPIRED" {
+                tonic::Code::FailedPrecondition
+            } else {
+                tonic::Code::NotFound
+            };
+            error(code, message, reason, [("session_id", id.to_string())])
+        };
+        match self.lessor.renew(term, id, received) {
+            Renewal::Renewed(ttl) => Ok(Ok(ttl.as_millis() as u64)),
+            Renewal::Expiring => Ok(Err(error(
+                tonic::Code::FailedPrecondition,
+                format!("session {id} expired (its TTL passed without a keep-alive); open a new session"),
+                "SESSION_EXPIRED",
+                [("session_id", id.to_string())],
+            ))),
+            Renewal::Unknown => Ok(Err(gone(&self.state.read()))),
+            Renewal::NotLeading => Err(to_status(&self.group.status().not_leader(), GROUP)),
+        }
+    }
+
     async fn read_barrier(&self) -> Result<u64, Status> {
         self.group
             .read_index()
@@ -398,15 +462,40 @@ impl LockService for Locks {
         &self,
         req: Request<KeepAliveRequest>,
     ) -> Result<Response<KeepAliveResponse>, Status> {
-        let id = req.into_inner().session_id;
-        check_session(id)?;
-        match self
-            .propose(Cmd::KeepAlive(cmd::KeepAlive { session_id: id }))
-            .await?
-        {
-            Res::Session(s) => Ok(Response::new(KeepAliveResponse { ttl_ms: s.ttl_ms })),
-            _ => Err(unexpected("KeepAlive")),
+        let received = std::time::Instant::now();
+        let r = req.into_inner();
+        if r.session_id == 0 && r.session_ids.is_empty() {
+            return Err(invalid("session_id", "session_id is required"));
         }
+        if r.session_ids.len() > MAX_KEEPALIVE_SESSIONS {
+            return Err(invalid(
+                "session_ids",
+                format!(
+                    "{} session_ids; at most {MAX_KEEPALIVE_SESSIONS} per call",
+                    r.session_ids.len()
+                ),
+            ));
+        }
+        let term = self.confirm_leading().await?;
+        let mut resp = KeepAliveResponse::default();
+        if r.session_id != 0 {
+            resp.ttl_ms = match self.renew(term, r.session_id, received)? {
+                Ok(ttl) => ttl,
+                Err(status) => return Err(status),
+            };
+        }
+        for id in r.session_ids {
+            let (ttl_ms, reason) = match self.renew(term, id, received)? {
+                Ok(ttl) => (ttl, String::new()),
+                Err(status) => (0, proto::status::reason(&status)),
+            };
+            resp.results.push(KeepAliveResult {
+                session_id: id,
+                ttl_ms,
+                reason,
+            });
+        }
+        Ok(Response::new(resp))
     }
 
     async fn close_session(
@@ -657,7 +746,10 @@ impl LockService for Locks {
                 session_id: s.id,
                 client_name: s.name.clone(),
                 ttl_ms: s.ttl_ms,
-                expires_at_ms: s.expires_at(),
+                expires_at_ms: self.lessor.deadline(s.id).map_or(0, |d| {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    now_ms() + left.as_millis() as u64
+                }),
                 locks_held: s.locks.len() as u32,
                 waits: s.waits.len() as u32,
             })

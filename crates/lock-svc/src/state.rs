@@ -21,8 +21,11 @@
 //! - Fencing tokens come from one counter that only ever increases and is
 //!   part of the replicated state, so a token is strictly greater than any
 //!   token granted before it for any resource, across leader changes.
-//! - Sessions own locks and waits. A session not kept alive within its TTL
-//!   expires at the next `Tick`: its locks are released, its waits cancelled.
+//! - Sessions own locks and waits. Keep-alives are not commands: the leader
+//!   keeps each session's lease in memory (`crate::lessor`) and proposes
+//!   `ExpireSessions` for the ones whose TTL passed; their locks are
+//!   released, their waits cancelled. (Logs of earlier builds carry
+//!   `KeepAlive` commands and session-expiring `Tick`s; both still apply.)
 //! - Deadlocks: sessions form a wait-for graph (a waiter waits for the
 //!   incompatible holders and the incompatible waiters ahead of it). A new
 //!   wait that closes a cycle, or a cycle found by the periodic scan in
@@ -406,8 +409,21 @@ impl LockState {
                 counts(0, n)
             }
             Some(Cmd::Tick(t)) => {
-                self.tick(t.refresh_sessions, &mut events);
+                self.tick(t.refresh_sessions, !t.leases_in_memory, &mut events);
                 counts(0, 0)
+            }
+            Some(Cmd::ExpireSessions(e)) => {
+                let (mut r, mut w) = (0, 0);
+                for sid in e.session_ids {
+                    if self.sessions.contains_key(&sid) {
+                        let (released, cancelled) = self.end_session(sid, "expired", &mut events);
+                        (r, w) = (r + released, w + cancelled);
+                        self.expired.insert(sid, self.now_ms);
+                        self.stats.expired_sessions += 1;
+                    }
+                }
+                self.forget_expired();
+                counts(r, w)
             }
             Some(Cmd::Abandon(c)) => self.abandon(c.call_id, &mut events),
         };
@@ -1070,26 +1086,29 @@ impl LockState {
         1
     }
 
-    fn tick(&mut self, refresh: bool, events: &mut Vec<Event>) {
+    /// Expires overdue waits and breaks deadlocks; with `sessions` (the
+    /// Ticks of builds that replicated keep-alives) expires sessions by
+    /// their last replicated keep-alive too.
+    fn tick(&mut self, refresh: bool, sessions: bool, events: &mut Vec<Event>) {
         let now = self.now_ms;
-        if refresh {
-            for s in self.sessions.values_mut() {
-                s.last_seen_ms = s.last_seen_ms.max(now);
+        if sessions {
+            if refresh {
+                for s in self.sessions.values_mut() {
+                    s.last_seen_ms = s.last_seen_ms.max(now);
+                }
             }
-        }
-        let expired: Vec<u64> = self
-            .sessions
-            .values()
-            .filter(|s| s.expires_at() <= now)
-            .map(|s| s.id)
-            .collect();
-        for sid in expired {
-            self.end_session(sid, "expired", events);
-            self.expired.insert(sid, now);
-            self.stats.expired_sessions += 1;
-        }
-        while self.expired.len() > self.limits.remembered_expired {
-            self.expired.pop_first();
+            let expired: Vec<u64> = self
+                .sessions
+                .values()
+                .filter(|s| s.expires_at() <= now)
+                .map(|s| s.id)
+                .collect();
+            for sid in expired {
+                self.end_session(sid, "expired", events);
+                self.expired.insert(sid, now);
+                self.stats.expired_sessions += 1;
+            }
+            self.forget_expired();
         }
         let grace = self.limits.wait_grace_ms;
         let overdue: Vec<u64> = self
@@ -1103,6 +1122,12 @@ impl LockState {
             self.cancel_wait(w, events);
         }
         self.scan_deadlocks(events);
+    }
+
+    fn forget_expired(&mut self) {
+        while self.expired.len() > self.limits.remembered_expired {
+            self.expired.pop_first();
+        }
     }
 
     /// Finds and breaks every wait-for cycle (the periodic scan).

@@ -242,11 +242,13 @@ fn session_expiry_releases_locks_and_cancels_waits() {
     t.run(Cmd::KeepAlive(c::KeepAlive { session_id: b }));
     t.run(Cmd::Tick(c::Tick {
         refresh_sessions: false,
+        leases_in_memory: false,
     }));
     assert!(t.s.sessions.contains_key(&a), "not expired yet");
     t.now += 600;
     t.run(Cmd::Tick(c::Tick {
         refresh_sessions: false,
+        leases_in_memory: false,
     }));
     assert!(!t.s.sessions.contains_key(&a), "expired after its TTL");
     // Its wait was cancelled and its lock went to the waiter.
@@ -274,11 +276,13 @@ fn refresh_tick_from_a_new_leader_extends_sessions() {
     t.now += 5_000; // an election took longer than the TTL
     t.run(Cmd::Tick(c::Tick {
         refresh_sessions: true,
+        leases_in_memory: false,
     }));
     assert!(t.s.sessions.contains_key(&a));
     t.now += 2_000;
     t.run(Cmd::Tick(c::Tick {
         refresh_sessions: false,
+        leases_in_memory: false,
     }));
     assert!(!t.s.sessions.contains_key(&a));
 }
@@ -373,6 +377,7 @@ fn periodic_scan_finds_a_cycle_made_by_an_upgrade() {
     t.s.sessions.get_mut(&b).unwrap().waits.insert(wb);
     t.run(Cmd::Tick(c::Tick {
         refresh_sessions: false,
+        leases_in_memory: false,
     }));
     let (code, _) = code_of(&t.take_event(wb).expect("youngest aborted by the scan"));
     assert_eq!(code, ErrorCode::Deadlock);
@@ -399,6 +404,7 @@ fn wait_timeout_is_cancelled_and_reported() {
     t.now += 1_000 + t.s.limits.wait_grace_ms;
     t.run(Cmd::Tick(c::Tick {
         refresh_sessions: false,
+        leases_in_memory: false,
     }));
     assert_eq!(code_of(&t.take_event(w2).unwrap()).0, ErrorCode::Timeout);
 }

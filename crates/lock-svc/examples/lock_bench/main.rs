@@ -12,6 +12,8 @@
 //!
 //! Run with `cargo xtask bench lock`.
 
+mod keepalive;
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -40,6 +42,13 @@ struct Args {
     /// then the rows on top).
     #[arg(long, default_value_t = 0)]
     held: usize,
+    /// Instead of the rows: this many sessions (and as many etcd leases)
+    /// kept alive for `--seconds`; keep-alives/s, Raft entries/s, CPU.
+    #[arg(long, default_value_t = 0)]
+    keepalive: usize,
+    /// The TTL of those sessions and leases (a keep-alive every TTL / 3).
+    #[arg(long, default_value_t = 9000)]
+    keepalive_ttl_ms: u64,
     /// Run the rows against etcd too: auto (if `etcd` is installed), off.
     #[arg(long, default_value = "auto")]
     etcd: String,
@@ -371,6 +380,10 @@ async fn main() {
         .map(|_| LockClient::connect(endpoints.clone()).unwrap())
         .collect();
 
+    if args.keepalive > 0 {
+        keepalives(&args, &conns, &endpoints, &_replicas, dir.path(), n_conns).await;
+        return;
+    }
     println!(
         "lock bench: 3 lock-svc processes, loopback gRPC, fsync on, exclusive locks, {}",
         if args.connections == 0 {
@@ -430,12 +443,8 @@ async fn main() {
     }
     drop(_replicas);
 
-    let etcd_present = std::process::Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
     let mut etcd_rows = Vec::new();
-    if args.etcd != "off" && etcd_present {
+    if args.etcd != "off" && etcd_present() {
         let (_etcd, endpoints) = start_etcd(dir.path()).await;
         let mut chans = Vec::new();
         for i in 0..n_conns {
@@ -523,4 +532,63 @@ async fn dsync_row(conns: &[LockClient], n: usize, hot: bool, seconds: u64) -> R
         })
         .collect();
     gather(tasks, seconds).await
+}
+
+fn etcd_present() -> bool {
+    std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The `--keepalive` measurement, against dsync and then etcd.
+async fn keepalives(
+    args: &Args,
+    conns: &[LockClient],
+    endpoints: &[String],
+    replicas: &Procs,
+    dir: &std::path::Path,
+    n_conns: usize,
+) {
+    let ttl = Duration::from_millis(args.keepalive_ttl_ms);
+    println!(
+        "keep-alive bench: {} sessions, TTL {} ms (a keep-alive every {} ms), {} s, {n_conns} connections",
+        args.keepalive,
+        ttl.as_millis(),
+        (ttl / 3).as_millis(),
+        args.seconds
+    );
+    let pids: Vec<u32> = replicas.0.iter().map(|c| c.id()).collect();
+    let d = keepalive::dsync(
+        conns,
+        endpoints,
+        &pids,
+        args.keepalive,
+        ttl,
+        args.seconds,
+        false,
+    )
+    .await;
+    println!("dsync, one KeepAlive per session:        {d}");
+    let d = keepalive::dsync(
+        conns,
+        endpoints,
+        &pids,
+        args.keepalive,
+        ttl,
+        args.seconds,
+        true,
+    )
+    .await;
+    println!("dsync, one KeepAlive per connection:     {d}");
+    if args.etcd != "off" && etcd_present() {
+        let (etcd, endpoints) = start_etcd(dir).await;
+        let mut chans = Vec::new();
+        for i in 0..n_conns {
+            chans.push(etcd_channel(&endpoints[i % endpoints.len()]).await.unwrap());
+        }
+        let pids: Vec<u32> = etcd.0.iter().map(|c| c.id()).collect();
+        let e = keepalive::etcd(&chans, &pids, args.keepalive, ttl, args.seconds).await;
+        println!("etcd, one LeaseKeepAlive stream per connection: {e}");
+    }
 }
