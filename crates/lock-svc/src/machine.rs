@@ -99,8 +99,10 @@ impl Waits {
 }
 
 /// Snapshot encoding: this byte, then the table in postcard (compact
-/// binary). Snapshots of earlier builds are JSON (they start with `{`).
-const SNAPSHOT_POSTCARD: u8 = 1;
+/// binary). Earlier builds wrote byte 1 (holders without `request_id`)
+/// or JSON (starting with `{`); both still restore.
+const SNAPSHOT_POSTCARD: u8 = 2;
+const SNAPSHOT_POSTCARD_FIRST: u8 = 1;
 
 fn encode(state: &LockState) -> Vec<u8> {
     let mut out = vec![SNAPSHOT_POSTCARD];
@@ -111,6 +113,10 @@ fn encode(state: &LockState) -> Vec<u8> {
 fn decode(data: &[u8]) -> Result<LockState, String> {
     match data.first() {
         Some(&SNAPSHOT_POSTCARD) => postcard::from_bytes(&data[1..]).map_err(|e| e.to_string()),
+        Some(&SNAPSHOT_POSTCARD_FIRST) => {
+            crate::state::with_first_layout(|| postcard::from_bytes(&data[1..]))
+                .map_err(|e| e.to_string())
+        }
         Some(b'{') => serde_json::from_slice(data).map_err(|e| e.to_string()),
         _ => Err("unknown lock snapshot encoding".into()),
     }
@@ -168,9 +174,9 @@ impl consensus::StateMachine for LockMachine {
         encode(&self.state.read())
     }
 
-    /// The only work on the driver thread is a copy of the table; encoding
-    /// and writing happen on the snapshot thread, so a large table does not
-    /// stall requests for the length of a serialization.
+    /// The only work on the driver thread is a copy of the table — O(1),
+    /// its maps are persistent — so a large table does not stall requests:
+    /// encoding and writing happen on the snapshot thread.
     fn snapshot_job(&self) -> consensus::SnapshotJob {
         let state = self.state.read().clone();
         Box::new(move |out: &mut dyn std::io::Write| {
@@ -221,5 +227,46 @@ mod tests {
             assert_eq!(*r.state.read(), *m.state.read());
         }
         assert!(machine().restore(1, b"\x09junk").is_err());
+    }
+
+    /// Snapshots written by the build before holders recorded their
+    /// request id (fixtures made by that build: the same table as postcard
+    /// layout 1 and as JSON) restore to the same table, and it works on.
+    #[test]
+    fn snapshots_of_the_first_compact_layout_restore() {
+        let (mut a, mut b) = (machine(), machine());
+        a.restore(1, include_bytes!("testdata/snapshot-first-layout.bin"))
+            .unwrap();
+        b.restore(1, include_bytes!("testdata/snapshot-first-layout.json"))
+            .unwrap();
+        assert_eq!(*a.state.read(), *b.state.read());
+        {
+            let st = a.state.read();
+            assert_eq!(st.sessions.len(), 2);
+            assert_eq!(st.locks.len(), 3);
+            assert_eq!(st.waiters.len(), 1);
+            let h = st.resources["r1"].holders.get(&3).unwrap();
+            assert_eq!((h.session, h.call, h.request_id), (1, 101, None));
+            assert!(st.abandoned_set.contains(&999));
+        }
+        // Releasing r1 (a lock of unknown request id) forgets its request
+        // and grants the waiter; the new layout round-trips.
+        let release = proto::lock::v1::internal::Command {
+            now_ms: 2000,
+            cmd: Some(Cmd::Release(proto::lock::v1::internal::Release {
+                session_id: 1,
+                lock_id: 3,
+                resource: String::new(),
+            })),
+        };
+        a.apply(8, &release.encode_to_vec());
+        {
+            let st = a.state.read();
+            assert!(!st.sessions[&1].requests.contains_key(&11));
+            assert_eq!(st.resources["r1"].holders.get(&6).unwrap().session, 2);
+        }
+        let mut c = machine();
+        c.restore(8, &a.snapshot()).unwrap();
+        assert_eq!(*c.state.read(), *a.state.read());
     }
 }

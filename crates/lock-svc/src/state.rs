@@ -35,7 +35,9 @@
 //! decided by this command (granted, timed out, aborted); the service layer
 //! routes those to the handlers blocked on them.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use imbl::{OrdMap, OrdSet};
 
 use proto::lock::v1::internal::{
     command::Cmd, outcome::Result as Res, Command, Counts, Error, ErrorCode, Granted, Outcome,
@@ -136,10 +138,10 @@ pub struct Session {
     pub name: String,
     pub ttl_ms: u64,
     pub last_seen_ms: u64,
-    pub locks: BTreeSet<u64>,
-    pub waits: BTreeSet<u64>,
+    pub locks: OrdSet<u64>,
+    pub waits: OrdSet<u64>,
     /// Idempotency: request id → lock or waiter id it created.
-    pub requests: BTreeMap<u64, u64>,
+    pub requests: OrdMap<u64, u64>,
     /// The OpenSession request id that opened it (0: none).
     #[serde(default)]
     pub request_id: u64,
@@ -151,7 +153,7 @@ impl Session {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Holder {
     pub lock_id: u64,
     pub session: u64,
@@ -162,6 +164,10 @@ pub struct Holder {
     /// (see `Cmd::Abandon`); 0 when none.
     #[serde(default)]
     pub call: u64,
+    /// The request id that acquired it (0: none); None in snapshots of
+    /// builds that did not record it.
+    #[serde(default)]
+    pub request_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,8 +187,136 @@ pub struct Waiter {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resource {
-    pub holders: BTreeMap<u64, Holder>,
+    pub holders: Holders,
     pub queue: VecDeque<Waiter>,
+}
+
+thread_local! {
+    /// Set while decoding a compact snapshot of the first layout, whose
+    /// holders have no `request_id` (postcard is not self-describing, so
+    /// a missing trailing field cannot default by itself).
+    static FIRST_LAYOUT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` decoding holders in the first compact layout.
+pub fn with_first_layout<T>(f: impl FnOnce() -> T) -> T {
+    FIRST_LAYOUT.with(|l| l.set(true));
+    let out = f();
+    FIRST_LAYOUT.with(|l| l.set(false));
+    out
+}
+
+#[derive(Deserialize)]
+struct HolderFirstLayout {
+    lock_id: u64,
+    session: u64,
+    mode: Mode,
+    token: u64,
+    since_ms: u64,
+    #[serde(default)]
+    call: u64,
+}
+
+#[derive(Deserialize)]
+struct HolderLayout {
+    lock_id: u64,
+    session: u64,
+    mode: Mode,
+    token: u64,
+    since_ms: u64,
+    #[serde(default)]
+    call: u64,
+    #[serde(default)]
+    request_id: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for Holder {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let h = if FIRST_LAYOUT.with(|l| l.get()) {
+            let h = HolderFirstLayout::deserialize(d)?;
+            HolderLayout {
+                lock_id: h.lock_id,
+                session: h.session,
+                mode: h.mode,
+                token: h.token,
+                since_ms: h.since_ms,
+                call: h.call,
+                request_id: None,
+            }
+        } else {
+            HolderLayout::deserialize(d)?
+        };
+        Ok(Holder {
+            lock_id: h.lock_id,
+            session: h.session,
+            mode: h.mode,
+            token: h.token,
+            since_ms: h.since_ms,
+            call: h.call,
+            request_id: h.request_id,
+        })
+    }
+}
+
+/// A resource's holders by lock id. Usually one, so a vector sorted by
+/// lock id (a map's node would cost ~700 bytes per held lock). Serialized
+/// as a map (lock id → holder), as earlier builds wrote it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holders(Vec<Holder>);
+
+impl Holders {
+    fn position(&self, id: u64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |h| h.lock_id)
+    }
+
+    pub fn get(&self, id: &u64) -> Option<&Holder> {
+        self.position(*id).ok().map(|i| &self.0[i])
+    }
+
+    pub fn get_mut(&mut self, id: &u64) -> Option<&mut Holder> {
+        self.position(*id).ok().map(|i| &mut self.0[i])
+    }
+
+    pub fn contains_key(&self, id: &u64) -> bool {
+        self.position(*id).is_ok()
+    }
+
+    pub fn insert(&mut self, h: Holder) {
+        match self.position(h.lock_id) {
+            Ok(i) => self.0[i] = h,
+            Err(i) => self.0.insert(i, h),
+        }
+    }
+
+    pub fn remove(&mut self, id: &u64) -> Option<Holder> {
+        self.position(*id).ok().map(|i| self.0.remove(i))
+    }
+
+    /// In lock id order.
+    pub fn values(&self) -> std::slice::Iter<'_, Holder> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Holders {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|h| (h.lock_id, h)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Holders {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<u64, Holder>::deserialize(d)?;
+        Ok(Holders(map.into_values().collect()))
+    }
 }
 
 impl Resource {
@@ -219,30 +353,33 @@ pub struct Event {
     pub outcome: Outcome,
 }
 
+/// The lock table. Its maps are persistent (copy-on-write) b-trees, so a
+/// snapshot's copy of the whole table costs O(1) on the driver thread and
+/// the writes that follow copy only the nodes they touch.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockState {
     pub limits: Limits,
-    pub sessions: BTreeMap<u64, Session>,
-    pub resources: BTreeMap<String, Resource>,
+    pub sessions: OrdMap<u64, Session>,
+    pub resources: OrdMap<String, Resource>,
     /// lock id → resource.
-    pub locks: BTreeMap<u64, String>,
+    pub locks: OrdMap<u64, String>,
     /// waiter id → resource.
-    pub waiters: BTreeMap<u64, String>,
+    pub waiters: OrdMap<u64, String>,
     /// Recently expired sessions: id → when.
-    pub expired: BTreeMap<u64, u64>,
+    pub expired: OrdMap<u64, u64>,
     /// Call id → the wait or lock that call owns (answers for).
     #[serde(default)]
-    pub calls: BTreeMap<u64, u64>,
+    pub calls: OrdMap<u64, u64>,
     /// Abandoned calls, oldest first (bounded): a command of one that
     /// arrives later is refused, and the abandoning replica reads here
     /// that its Abandon landed.
     #[serde(default)]
     pub abandoned: VecDeque<u64>,
     #[serde(default)]
-    pub abandoned_set: BTreeSet<u64>,
+    pub abandoned_set: OrdSet<u64>,
     /// OpenSession request id → the session it opened.
     #[serde(default)]
-    pub opened: BTreeMap<u64, u64>,
+    pub opened: OrdMap<u64, u64>,
     pub next_token: u64,
     pub now_ms: u64,
     pub applied: u64,
@@ -499,9 +636,9 @@ impl LockState {
                 name,
                 ttl_ms: ttl,
                 last_seen_ms: self.now_ms,
-                locks: BTreeSet::new(),
-                waits: BTreeSet::new(),
-                requests: BTreeMap::new(),
+                locks: OrdSet::new(),
+                waits: OrdSet::new(),
+                requests: OrdMap::new(),
                 request_id,
             },
         );
@@ -619,17 +756,15 @@ impl LockState {
         if res.queue.is_empty() && res.compatible_with_holders(mode) {
             let token = self.next_token;
             self.next_token += 1;
-            res.holders.insert(
-                index,
-                Holder {
-                    lock_id: index,
-                    session: sid,
-                    mode,
-                    token,
-                    since_ms: now,
-                    call: c.call_id,
-                },
-            );
+            res.holders.insert(Holder {
+                lock_id: index,
+                session: sid,
+                mode,
+                token,
+                since_ms: now,
+                call: c.call_id,
+                request_id: Some(c.request_id),
+            });
             self.own(c.call_id, index);
             self.locks.insert(index, c.resource.clone());
             self.stats.grants += 1;
@@ -751,7 +886,7 @@ impl LockState {
         }
         // Always remembered: it refuses a command of the call that is still
         // to come, and tells the proposer (by a read) that it landed.
-        if self.abandoned_set.insert(call) {
+        if self.abandoned_set.insert(call).is_none() {
             self.abandoned.push_back(call);
             while self.abandoned.len() > ABANDONED_REMEMBERED {
                 if let Some(old) = self.abandoned.pop_front() {
@@ -887,7 +1022,7 @@ impl LockState {
         self.disown(holder.call, lock_id);
         if let Some(s) = self.sessions.get_mut(&holder.session) {
             s.locks.remove(&lock_id);
-            s.requests.retain(|_, id| *id != lock_id);
+            forget_request(&mut s.requests, holder.request_id, lock_id);
         }
         if let Some(w) = upgrade {
             self.abort_waiter(
@@ -1093,8 +1228,11 @@ impl LockState {
         let now = self.now_ms;
         if sessions {
             if refresh {
-                for s in self.sessions.values_mut() {
-                    s.last_seen_ms = s.last_seen_ms.max(now);
+                let ids: Vec<u64> = self.sessions.keys().copied().collect();
+                for id in ids {
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        s.last_seen_ms = s.last_seen_ms.max(now);
+                    }
                 }
             }
             let expired: Vec<u64> = self
@@ -1126,7 +1264,10 @@ impl LockState {
 
     fn forget_expired(&mut self) {
         while self.expired.len() > self.limits.remembered_expired {
-            self.expired.pop_first();
+            let oldest = self.expired.get_min().map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                self.expired.remove(&id);
+            }
         }
     }
 
@@ -1297,7 +1438,7 @@ impl LockState {
         self.disown(w.call, waiter_id);
         if let Some(s) = self.sessions.get_mut(&w.session) {
             s.waits.remove(&waiter_id);
-            s.requests.retain(|_, id| *id != waiter_id);
+            forget_request(&mut s.requests, Some(w.request_id), waiter_id);
         }
         Some(resource)
     }
@@ -1340,17 +1481,15 @@ impl LockState {
             let token = self.next_token;
             self.next_token += 1;
             // A granted wait becomes a lock with the same id.
-            res.holders.insert(
-                w.id,
-                Holder {
-                    lock_id: w.id,
-                    session: w.session,
-                    mode: w.mode,
-                    token,
-                    since_ms: self.now_ms,
-                    call: w.call,
-                },
-            );
+            res.holders.insert(Holder {
+                lock_id: w.id,
+                session: w.session,
+                mode: w.mode,
+                token,
+                since_ms: self.now_ms,
+                call: w.call,
+                request_id: Some(w.request_id),
+            });
             self.waiters.remove(&w.id);
             self.locks.insert(w.id, resource.to_owned());
             if let Some(s) = self.sessions.get_mut(&w.session) {
@@ -1395,9 +1534,33 @@ impl LockState {
 
 /// Forgets that `call` answers for `id` (if it still does). A free function
 /// so it can be used while a resource of the state is borrowed.
-fn disown(calls: &mut BTreeMap<u64, u64>, call: u64, id: u64) {
+fn disown(calls: &mut OrdMap<u64, u64>, call: u64, id: u64) {
     if call != 0 && calls.get(&call) == Some(&id) {
         calls.remove(&call);
+    }
+}
+
+/// Forgets that `request` created `id`: by its request id when known (0:
+/// it had none), else (a lock from a snapshot of an earlier build) by a
+/// scan of the session's requests.
+fn forget_request(requests: &mut OrdMap<u64, u64>, request: Option<u64>, id: u64) {
+    match request {
+        Some(0) => {}
+        Some(r) => {
+            if requests.get(&r) == Some(&id) {
+                requests.remove(&r);
+            }
+        }
+        None => {
+            let stale: Vec<u64> = requests
+                .iter()
+                .filter(|(_, v)| **v == id)
+                .map(|(k, _)| *k)
+                .collect();
+            for r in stale {
+                requests.remove(&r);
+            }
+        }
     }
 }
 

@@ -181,7 +181,10 @@ fn upgrade_waits_for_readers_then_holds_exclusive_without_releasing() {
     let (id, tok) = lock_of(&t.take_event(wup).expect("upgrade granted"));
     assert_eq!(id, lu, "same lock, not a new one");
     assert!(tok > tok_u, "upgrade gets a new, larger fencing token");
-    assert_eq!(t.s.resources["r"].holders[&lu].mode, Mode::Exclusive);
+    assert_eq!(
+        t.s.resources["r"].holders.get(&lu).unwrap().mode,
+        Mode::Exclusive
+    );
     assert!(t.take_event(wx).is_none());
     // Downgrade to shared; the exclusive waiter still waits.
     let d = t.run(Cmd::Downgrade(c::Downgrade {
@@ -189,7 +192,10 @@ fn upgrade_waits_for_readers_then_holds_exclusive_without_releasing() {
         lock_id: lu,
     }));
     lock_of(&d);
-    assert_eq!(t.s.resources["r"].holders[&lu].mode, Mode::Shared);
+    assert_eq!(
+        t.s.resources["r"].holders.get(&lu).unwrap().mode,
+        Mode::Shared
+    );
     assert!(t.take_event(wx).is_none());
     t.release(u, lu);
     lock_of(&t.take_event(wx).expect("exclusive granted after release"));
