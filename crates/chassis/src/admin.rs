@@ -23,6 +23,7 @@ pub struct AdminService {
     pub service: &'static str,
     pub node: Node,
     pub advertise: String,
+    pub features: Vec<&'static str>,
 }
 
 /// True when every group has this node as a member and knows a leader.
@@ -105,6 +106,7 @@ impl Admin for AdminService {
             groups: all.iter().map(GroupStatus::to_proto).collect(),
             members,
             healthy: healthy(&self.node),
+            features: self.features.iter().map(|f| f.to_string()).collect(),
         }))
     }
 

@@ -80,6 +80,9 @@ pub struct ReplicaConfig {
     pub raft: Arc<dyn Fn(&mut consensus::Config) + Send + Sync>,
     /// Test hook: link faults applied to the Raft transport.
     pub faults: Option<Arc<consensus::testkit::Faults>>,
+    /// What this build supports, reported by admin Status (see
+    /// `StatusResponse.features`).
+    pub features: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for ReplicaConfig {
@@ -129,6 +132,7 @@ impl ReplicaConfig {
             max_concurrent_requests: 4096,
             raft: Arc::new(|_| {}),
             faults: None,
+            features: Vec::new(),
         }
     }
 
@@ -203,6 +207,7 @@ impl ReplicaConfig {
             max_concurrent_requests: f.max_concurrent_requests,
             raft: Arc::new(|_| {}),
             faults: None,
+            features: Vec::new(),
         })
     }
 

@@ -106,6 +106,7 @@ impl Replica {
             service: self.cfg.service,
             node: self.node.clone(),
             advertise: self.cfg.advertise.clone(),
+            features: self.cfg.features.clone(),
         });
         let routes = routes
             .add_service(raft.into_server())

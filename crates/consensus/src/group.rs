@@ -67,6 +67,8 @@ type Answer = (Reply<Vec<u8>>, Result<Vec<u8>>);
 pub(crate) enum Request {
     Propose {
         data: Vec<u8>,
+        /// Append only while leading in this term.
+        term: Option<u64>,
         deadline: Instant,
         reply: Reply<Vec<u8>>,
     },
@@ -191,7 +193,10 @@ impl Driver {
             open_read: None,
             reads_sent: HashMap::new(),
             ready_reads: Vec::new(),
-            next_read_id: 0,
+            // Read ids are the raft-rs context of a read, matched on the
+            // leader against the reads of every node: random starting
+            // points keep nodes (and restarts of one) from reusing an id.
+            next_read_id: rand::random::<u64>() >> 1,
             transfers: Vec::new(),
             answers: Vec::new(),
             applied: meta.index,
@@ -257,10 +262,13 @@ impl Driver {
             }
             Request::Propose {
                 data,
+                term,
                 deadline,
                 reply,
             } => {
-                if let Some(reply) = self.check_leader(reply) {
+                if term.is_some_and(|t| t != self.raw.raft.term) {
+                    let _ = reply.send(Err(self.not_leader()));
+                } else if let Some(reply) = self.check_leader(reply) {
                     let before = self.raw.raft.raft_log.last_index();
                     let res = self.raw.propose(Vec::new(), data);
                     self.track(before, res, deadline, reply);
@@ -783,7 +791,7 @@ impl Driver {
         s.role = raft.state.into();
         s.term = raft.term;
         let leader = (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id);
-        if s.leader != leader {
+        if s.leader != leader || (s.leader_addr.is_none() && leader.is_some_and(|l| l != raft.id)) {
             s.leader_addr = leader
                 .filter(|l| *l != raft.id)
                 .and_then(|l| self.transport.peer_addr(l));
@@ -832,6 +840,21 @@ impl GroupHandle {
         self.check_command(&command)?;
         self.call(|deadline, reply| Request::Propose {
             data: command,
+            term: None,
+            deadline,
+            reply,
+        })
+        .await
+    }
+
+    /// [`propose`](Self::propose), but appended only if this node still
+    /// leads in `term` (else NotLeader): for commands a leader decided on
+    /// from what it knew in that term alone.
+    pub async fn propose_in_term(&self, command: Vec<u8>, term: u64) -> Result<Vec<u8>> {
+        self.check_command(&command)?;
+        self.call(|deadline, reply| Request::Propose {
+            data: command,
+            term: Some(term),
             deadline,
             reply,
         })

@@ -51,6 +51,7 @@ impl LockConfig {
         let limits = Limits::default();
         // Waiting calls may legitimately last as long as their wait.
         let long = Duration::from_millis(limits.max_wait_ms) + Duration::from_secs(15);
+        replica.features = vec![crate::lessor::FEATURE];
         replica.long_methods = vec![
             ("/dsync.lock.v1.LockService/Acquire".into(), long),
             ("/dsync.lock.v1.LockService/Upgrade".into(), long),

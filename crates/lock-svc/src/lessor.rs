@@ -25,10 +25,14 @@
 //! leader change nothing; the argument assumes clock *rates* agree within
 //! the margin clients keep (they renew every TTL / 3).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+/// The admin Status feature saying a build leases sessions in memory; a
+/// leader enables leases (`EnableLeases`) once every member reports it.
+pub const FEATURE: &str = "lock.leases-in-memory";
 
 /// Most sessions one `ExpireSessions` command carries.
 pub const EXPIRE_BATCH: usize = 1_000;
@@ -38,7 +42,8 @@ pub const EXPIRE_BATCH: usize = 1_000;
 pub enum Renewal {
     /// Renewed; the session's TTL.
     Renewed(Duration),
-    /// Its deadline passed and its expiry is (being) proposed.
+    /// Its deadline passed and its expiry is proposed (not yet known to
+    /// have committed).
     Expiring,
     /// Not a session this leader keeps (closed, expired, never opened).
     Unknown,
@@ -51,10 +56,32 @@ pub enum Renewal {
 struct Inner {
     /// The term these leases belong to; 0 when this replica keeps none.
     term: u64,
+    /// The highest term leases were ever kept for: never again a lower one
+    /// (a handler confirmed in an old term may resume late).
+    max_term: u64,
     /// Session → (deadline, TTL).
     deadlines: HashMap<u64, (Instant, Duration)>,
-    /// Sessions whose expiry was proposed.
+    /// The same, ordered by deadline.
+    by_deadline: BTreeSet<(Instant, u64)>,
+    /// Sessions whose expiry was decided: never renewed again this term.
     expiring: HashSet<u64>,
+    /// Expiring sessions whose `ExpireSessions` must be proposed again.
+    again: BTreeSet<u64>,
+}
+
+impl Inner {
+    fn set(&mut self, id: u64, deadline: Instant, ttl: Duration) {
+        if let Some((old, _)) = self.deadlines.insert(id, (deadline, ttl)) {
+            self.by_deadline.remove(&(old, id));
+        }
+        self.by_deadline.insert((deadline, id));
+    }
+
+    fn unset(&mut self, id: u64) {
+        if let Some((old, _)) = self.deadlines.remove(&id) {
+            self.by_deadline.remove(&(old, id));
+        }
+    }
 }
 
 /// The leader's session leases (empty and inactive on followers).
@@ -73,46 +100,59 @@ impl Lessor {
     /// (id, TTL ms) its whole TTL from now. The caller has applied every
     /// entry committed before `term` and holds the lock table so no
     /// session opens or ends meanwhile. A no-op when already keeping them
-    /// for `term`.
-    pub fn activate(&self, term: u64, sessions: impl Iterator<Item = (u64, u64)>) {
+    /// for `term`; refused (false) for a term older than one kept before.
+    pub fn activate(&self, term: u64, sessions: impl Iterator<Item = (u64, u64)>) -> bool {
         let mut l = self.inner.lock();
         if l.term == term {
-            return;
+            return true;
+        }
+        if term < l.max_term {
+            return false;
         }
         let now = Instant::now();
-        l.term = term;
-        l.expiring.clear();
-        l.deadlines = sessions
-            .map(|(id, ttl)| {
-                let ttl = Duration::from_millis(ttl);
-                (id, (now + ttl, ttl))
-            })
-            .collect();
+        *l = Inner {
+            term,
+            max_term: term,
+            ..Default::default()
+        };
+        for (id, ttl) in sessions {
+            let ttl = Duration::from_millis(ttl);
+            l.set(id, now + ttl, ttl);
+        }
+        true
     }
 
     /// Stops keeping leases (this replica no longer leads).
     pub fn deactivate(&self) {
         let mut l = self.inner.lock();
         if l.term != 0 {
-            *l = Inner::default();
+            let max_term = l.max_term;
+            *l = Inner {
+                max_term,
+                ..Default::default()
+            };
         }
     }
 
-    /// A session was opened (applied): its lease starts now. Called with
-    /// the lock table held, so it orders with [`activate`](Self::activate).
+    /// A session was opened (applied), or an OpenSession retry answered
+    /// it: its lease starts now — unless its expiry is already decided
+    /// (the OpenSession handler then waits that out and opens anew).
+    /// Called with the lock table held, so it orders with
+    /// [`activate`](Self::activate).
     pub fn opened(&self, id: u64, ttl_ms: u64) {
         let mut l = self.inner.lock();
-        if l.term != 0 {
+        if l.term != 0 && !l.expiring.contains(&id) {
             let ttl = Duration::from_millis(ttl_ms);
-            l.deadlines.insert(id, (Instant::now() + ttl, ttl));
+            l.set(id, Instant::now() + ttl, ttl);
         }
     }
 
     /// A session ended (closed or expired, applied).
     pub fn ended(&self, id: u64) {
         let mut l = self.inner.lock();
-        l.deadlines.remove(&id);
+        l.unset(id);
         l.expiring.remove(&id);
+        l.again.remove(&id);
     }
 
     /// Renews session `id` for its TTL from `received` (when its
@@ -126,57 +166,71 @@ impl Lessor {
         if l.expiring.contains(&id) {
             return Renewal::Expiring;
         }
-        match l.deadlines.get_mut(&id) {
+        match l.deadlines.get(&id).copied() {
             Some((deadline, ttl)) => {
-                *deadline = (*deadline).max(received + *ttl);
-                Renewal::Renewed(*ttl)
+                if received + ttl > deadline {
+                    l.set(id, received + ttl, ttl);
+                }
+                Renewal::Renewed(ttl)
             }
             None => Renewal::Unknown,
         }
     }
 
-    /// When session `id`'s lease ends, if this replica keeps it.
-    pub fn deadline(&self, id: u64) -> Option<Instant> {
-        let l = self.inner.lock();
-        if l.expiring.contains(&id) {
-            return Some(Instant::now());
-        }
-        l.deadlines.get(&id).map(|(d, _)| *d)
+    /// Whether session `id`'s expiry is decided (and maybe in flight).
+    pub fn is_expiring(&self, id: u64) -> bool {
+        self.inner.lock().expiring.contains(&id)
     }
 
-    /// Sessions of `term` whose deadline passed by `now` (at most
-    /// [`EXPIRE_BATCH`]), marked expiring: renewals of them fail from now.
+    /// When each of `ids`' leases ends (None: not kept here); one lock.
+    pub fn deadlines(&self, ids: impl Iterator<Item = u64>) -> Vec<Option<Instant>> {
+        let l = self.inner.lock();
+        let now = Instant::now();
+        ids.map(|id| {
+            if l.expiring.contains(&id) {
+                Some(now)
+            } else {
+                l.deadlines.get(&id).map(|(d, _)| *d)
+            }
+        })
+        .collect()
+    }
+
+    /// Sessions of `term` to expire now (at most [`EXPIRE_BATCH`]): those
+    /// whose earlier expiry did not commit, then those whose deadline
+    /// passed by `now`, which are marked expiring (renewals of them fail
+    /// from now on, this term).
     pub fn due(&self, term: u64, now: Instant) -> Vec<u64> {
         let mut l = self.inner.lock();
         if l.term == 0 || l.term != term {
             return Vec::new();
         }
-        let mut due: Vec<u64> = l
-            .deadlines
-            .iter()
-            .filter(|(_, (d, _))| *d <= now)
-            .map(|(id, _)| *id)
-            .take(EXPIRE_BATCH)
-            .collect();
-        due.sort_unstable();
-        for id in &due {
-            l.deadlines.remove(id);
-            l.expiring.insert(*id);
+        let mut due: Vec<u64> = std::mem::take(&mut l.again).into_iter().collect();
+        while due.len() < EXPIRE_BATCH {
+            let Some(&(deadline, id)) = l.by_deadline.first() else {
+                break;
+            };
+            if deadline > now {
+                break;
+            }
+            l.unset(id);
+            l.expiring.insert(id);
+            due.push(id);
         }
         due
     }
 
-    /// Sessions in flight to expire whose expiry did not commit (still
-    /// leading `term`): they are proposed again at the next check.
+    /// Expiries of `term` that did not commit (the proposal failed while
+    /// still leading): proposed again by the next [`due`](Self::due). The
+    /// sessions stay expiring: the failed proposal may still commit.
     pub fn retry(&self, term: u64, ids: &[u64]) {
         let mut l = self.inner.lock();
         if l.term != term {
             return;
         }
-        let now = Instant::now();
         for id in ids {
-            if l.expiring.remove(id) {
-                l.deadlines.insert(*id, (now, Duration::ZERO));
+            if l.expiring.contains(id) {
+                l.again.insert(*id);
             }
         }
     }
@@ -195,6 +249,12 @@ impl Lessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Lessor {
+        fn deadline(&self, id: u64) -> Option<Instant> {
+            self.deadlines(std::iter::once(id))[0]
+        }
+    }
 
     const T: u64 = 7;
 
@@ -250,8 +310,13 @@ mod tests {
         assert_eq!(l.due(T, at), vec![1, 3]);
         assert!(l.due(T, at).is_empty(), "marked once");
         assert_eq!(l.renew(T, 1, at), Renewal::Expiring);
-        // The expiry of 3 did not commit: proposed again next time.
+        // The expiry of 3 did not commit: proposed again next time, and
+        // still expiring meanwhile (the failed proposal may yet commit),
+        // even if an OpenSession retry answers it.
         l.retry(T, &[3]);
+        l.opened(3, 1000);
+        assert_eq!(l.renew(T, 3, at), Renewal::Expiring);
+        assert!(l.is_expiring(3));
         assert_eq!(l.due(T, Instant::now()), vec![3]);
         l.ended(1);
         l.ended(3);
@@ -260,5 +325,35 @@ mod tests {
         l.deactivate();
         assert_eq!(l.term(), 0);
         assert_eq!(l.renew(T, 2, at), Renewal::NotLeading);
+    }
+
+    #[test]
+    fn an_older_term_is_never_kept_again() {
+        let l = Lessor::default();
+        assert!(l.activate(T + 2, [(1, 1000)].into_iter()));
+        l.deactivate();
+        // A handler confirmed in term T resumes after T + 2 was kept.
+        assert!(!l.activate(T, [(1, 1000)].into_iter()));
+        assert_eq!(l.renew(T, 1, Instant::now()), Renewal::NotLeading);
+        assert!(l.activate(T + 3, [(1, 1000)].into_iter()));
+    }
+
+    #[test]
+    fn due_takes_the_earliest_deadlines_in_batches() {
+        let l = Lessor::default();
+        l.activate(T, (1..=2500).map(|id| (id, 1000 + id % 7)));
+        let late = Instant::now() + ms(2000);
+        let mut all = Vec::new();
+        loop {
+            let batch = l.due(T, late);
+            if batch.is_empty() {
+                break;
+            }
+            assert!(batch.len() <= EXPIRE_BATCH);
+            all.extend(batch);
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=2500).collect::<Vec<_>>());
+        assert!(l.due(T, late).is_empty());
     }
 }

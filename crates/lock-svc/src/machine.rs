@@ -104,15 +104,38 @@ impl Waits {
 const SNAPSHOT_POSTCARD: u8 = 2;
 const SNAPSHOT_POSTCARD_FIRST: u8 = 1;
 
+/// What a snapshot carries after the table (layout 2 on).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Extras {
+    leases_in_memory: bool,
+}
+
+fn write_snapshot(state: &LockState, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    out.write_all(&[SNAPSHOT_POSTCARD])?;
+    let extras = Extras {
+        leases_in_memory: state.leases_in_memory,
+    };
+    let bad = |e: postcard::Error| std::io::Error::other(e.to_string());
+    postcard::to_io(state, &mut *out).map_err(bad)?;
+    postcard::to_io(&extras, out).map_err(bad)?;
+    Ok(())
+}
+
 fn encode(state: &LockState) -> Vec<u8> {
-    let mut out = vec![SNAPSHOT_POSTCARD];
-    out.extend(postcard::to_stdvec(state).expect("lock state serializes"));
+    let mut out = Vec::new();
+    write_snapshot(state, &mut out).expect("lock state serializes");
     out
 }
 
 fn decode(data: &[u8]) -> Result<LockState, String> {
     match data.first() {
-        Some(&SNAPSHOT_POSTCARD) => postcard::from_bytes(&data[1..]).map_err(|e| e.to_string()),
+        Some(&SNAPSHOT_POSTCARD) => {
+            let (mut state, rest): (LockState, _) =
+                postcard::take_from_bytes(&data[1..]).map_err(|e| e.to_string())?;
+            let extras: Extras = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            state.leases_in_memory = extras.leases_in_memory;
+            Ok(state)
+        }
         Some(&SNAPSHOT_POSTCARD_FIRST) => {
             crate::state::with_first_layout(|| postcard::from_bytes(&data[1..]))
                 .map_err(|e| e.to_string())
@@ -179,12 +202,7 @@ impl consensus::StateMachine for LockMachine {
     /// encoding and writing happen on the snapshot thread.
     fn snapshot_job(&self) -> consensus::SnapshotJob {
         let state = self.state.read().clone();
-        Box::new(move |out: &mut dyn std::io::Write| {
-            out.write_all(&[SNAPSHOT_POSTCARD])?;
-            postcard::to_io(&state, out)
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        })
+        Box::new(move |out: &mut dyn std::io::Write| write_snapshot(&state, out))
     }
 
     fn restore(&mut self, _index: u64, data: &[u8]) -> Result<(), String> {
@@ -214,6 +232,7 @@ mod tests {
             s.next_token = 42;
             s.now_ms = 7;
             s.expired.insert(3, 9);
+            s.leases_in_memory = true;
         }
         let mut file = Vec::new();
         (m.snapshot_job())(&mut file).unwrap();
@@ -221,11 +240,15 @@ mod tests {
         assert_eq!(file, m.snapshot());
         let json = serde_json::to_vec(&*m.state.read()).unwrap();
         assert!(file.len() < json.len());
-        for data in [file, json] {
-            let mut r = machine();
-            r.restore(1, &data).unwrap();
-            assert_eq!(*r.state.read(), *m.state.read());
-        }
+        let mut r = machine();
+        r.restore(1, &file).unwrap();
+        assert_eq!(*r.state.read(), *m.state.read());
+        assert!(r.state.read().leases_in_memory);
+        // JSON (earlier builds) predates leases in memory.
+        m.state.write().leases_in_memory = false;
+        let mut r = machine();
+        r.restore(1, &json).unwrap();
+        assert_eq!(*r.state.read(), *m.state.read());
         assert!(machine().restore(1, b"\x09junk").is_err());
     }
 

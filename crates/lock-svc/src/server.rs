@@ -69,6 +69,7 @@ impl LockServer {
         let ticker = tokio::spawn(tick_loop(
             locks.clone(),
             cfg.tick_interval,
+            replica.node().transport().clone(),
             replica.closed(),
         ));
         Ok(Self {
@@ -102,9 +103,17 @@ impl LockServer {
 /// On the leader, every `interval`: expires the sessions whose leases
 /// passed (`ExpireSessions`, see `crate::lessor`), and proposes a `Tick`
 /// while waits exist (overdue waits, the deadlock scan). A replica that
-/// does not lead keeps no leases. Also publishes the lock table's gauges
-/// (on every replica).
-async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver<bool>) {
+/// does not lead keeps no leases. Until leases are enabled (every member
+/// runs a build with them: [`enable_leases`]) it ticks as earlier builds
+/// did. Also publishes the lock table's gauges (on every replica).
+async fn tick_loop(
+    locks: Locks,
+    interval: Duration,
+    transport: Arc<dyn consensus::Transport>,
+    mut closed: watch::Receiver<bool>,
+) {
+    let mut ticked_term = 0;
+    let mut last_gate = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -114,6 +123,27 @@ async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver
         let st = locks.group.status();
         if !st.is_leader() {
             locks.lessor.deactivate();
+            ticked_term = 0;
+            continue;
+        }
+        if !locks.state.read().leases_in_memory {
+            // As earlier builds: a Tick while sessions exist, the first of
+            // each term refreshing every session.
+            let refresh = st.term != ticked_term;
+            if refresh || !locks.state.read().sessions.is_empty() {
+                let tick = Cmd::Tick(Tick {
+                    refresh_sessions: refresh,
+                    leases_in_memory: false,
+                });
+                match locks.propose(tick).await {
+                    Ok(_) => ticked_term = st.term,
+                    Err(e) => tracing::debug!(error = %e, "tick not committed"),
+                }
+            }
+            if last_gate.elapsed() >= Duration::from_secs(1) {
+                last_gate = std::time::Instant::now();
+                enable_leases(&locks, &st, transport.as_ref()).await;
+            }
             continue;
         }
         // A new leader starts its leases now rather than at its first
@@ -122,15 +152,20 @@ async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver
             Ok(term) if term == st.term => term,
             _ => continue,
         };
-        let due = locks.lessor.due(term, std::time::Instant::now());
-        if !due.is_empty() {
+        loop {
+            let due = locks.lessor.due(term, std::time::Instant::now());
+            if due.is_empty() {
+                break;
+            }
             tracing::info!(sessions = ?due, "sessions expired: no keep-alive within their TTL");
             let expire = Cmd::ExpireSessions(ExpireSessions {
                 session_ids: due.clone(),
             });
-            if let Err(e) = locks.propose(expire).await {
+            // Decided from this term's leases: appended only in this term.
+            if let Err(e) = locks.propose_in_term(expire, term).await {
                 tracing::debug!(error = %e, "session expiry not committed; retried");
                 locks.lessor.retry(term, &due);
+                break;
             }
         }
         if locks.state.read().waiters.is_empty() {
@@ -143,6 +178,51 @@ async fn tick_loop(locks: Locks, interval: Duration, mut closed: watch::Receiver
         if let Err(e) = locks.propose(tick).await {
             tracing::debug!(error = %e, "tick not committed");
         }
+    }
+}
+
+/// Proposes `EnableLeases` once every member of the group (voters and
+/// learners) reports the feature in its admin Status: no replica that
+/// would not understand `ExpireSessions` is left (a rolling upgrade
+/// finished). Permanent: a rollback below this build is not supported.
+async fn enable_leases(
+    locks: &Locks,
+    st: &consensus::GroupStatus,
+    transport: &dyn consensus::Transport,
+) {
+    use proto::admin::v1::admin_client::AdminClient;
+    for &id in st.voters.iter().chain(&st.learners) {
+        if id == st.node {
+            continue;
+        }
+        let Some(addr) = transport.peer_addr(id) else {
+            return;
+        };
+        let features = async {
+            let ch = chassis::dial(&addr).await.ok()?;
+            let mut req = tonic::Request::new(proto::admin::v1::StatusRequest {});
+            req.set_timeout(Duration::from_secs(1));
+            let st = AdminClient::new(ch).status(req).await.ok()?;
+            Some(st.into_inner().features)
+        };
+        let has = tokio::time::timeout(Duration::from_secs(2), features)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|f| f.iter().any(|f| f == crate::lessor::FEATURE));
+        if !has {
+            tracing::debug!(node = id, "leases stay off: a member lacks the feature");
+            return;
+        }
+    }
+    match locks
+        .propose(Cmd::EnableLeases(
+            proto::lock::v1::internal::EnableLeases {},
+        ))
+        .await
+    {
+        Ok(_) => tracing::info!("every member leases sessions in memory: leases enabled"),
+        Err(e) => tracing::debug!(error = %e, "EnableLeases not committed"),
     }
 }
 

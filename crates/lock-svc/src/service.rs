@@ -139,21 +139,31 @@ impl Locks {
     /// apply (not the leader, dropped, refused by the state machine) from
     /// one that may have (timed out before commit).
     async fn propose_checked(&self, c: Cmd) -> Result<Res, Failed> {
+        self.propose_command(c, None).await
+    }
+
+    /// Proposes a command only while this replica leads in `term` (for
+    /// decisions made from what it knew in that term).
+    pub async fn propose_in_term(&self, c: Cmd, term: u64) -> Result<Res, Status> {
+        self.propose_command(c, Some(term))
+            .await
+            .map_err(Status::from)
+    }
+
+    async fn propose_command(&self, c: Cmd, term: Option<u64>) -> Result<Res, Failed> {
         let command = cmd::Command {
             now_ms: now_ms(),
             cmd: Some(c),
+        }
+        .encode_to_vec();
+        let proposed = match term {
+            Some(t) => self.group.propose_in_term(command, t).await,
+            None => self.group.propose(command).await,
         };
-        let bytes = self
-            .group
-            .propose(command.encode_to_vec())
-            .await
-            .map_err(|e| Failed {
-                status: to_status(&e, GROUP),
-                maybe_applied: matches!(
-                    e,
-                    consensus::Error::Timeout | consensus::Error::Unknown(_)
-                ),
-            })?;
+        let bytes = proposed.map_err(|e| Failed {
+            status: to_status(&e, GROUP),
+            maybe_applied: matches!(e, consensus::Error::Timeout | consensus::Error::Unknown(_)),
+        })?;
         let outcome = Outcome::decode(bytes.as_slice())
             .map_err(|e| Failed::definite(internal(format!("undecodable outcome: {e}"))))?;
         match outcome.result {
@@ -335,6 +345,37 @@ impl Locks {
         Ok(Duration::from_millis(ms))
     }
 
+    /// Keep-alives as builds before leases in memory made them (until every
+    /// member runs a build that leases sessions, see `EnableLeases`): a
+    /// `KeepAlive` command per session.
+    async fn keep_alive_through_log(
+        &self,
+        r: KeepAliveRequest,
+    ) -> Result<Response<KeepAliveResponse>, Status> {
+        let renew = |id| self.propose(Cmd::KeepAlive(cmd::KeepAlive { session_id: id }));
+        let mut resp = KeepAliveResponse::default();
+        if r.session_id != 0 {
+            match renew(r.session_id).await? {
+                Res::Session(s) => resp.ttl_ms = s.ttl_ms,
+                _ => return Err(unexpected("KeepAlive")),
+            }
+        }
+        for id in r.session_ids {
+            let (ttl_ms, reason) = match renew(id).await {
+                Ok(Res::Session(s)) => (s.ttl_ms, String::new()),
+                Ok(_) => return Err(unexpected("KeepAlive")),
+                Err(e) if e.code() == tonic::Code::Unavailable => return Err(e),
+                Err(e) => (0, proto::status::reason(&e)),
+            };
+            resp.results.push(KeepAliveResult {
+                session_id: id,
+                ttl_ms,
+                reason,
+            });
+        }
+        Ok(Response::new(resp))
+    }
+
     /// Confirms that this replica leads, with a read index issued now (so
     /// after whatever request the caller received): answers the term it
     /// leads in, with its session leases kept for that term. A new leader's
@@ -384,9 +425,9 @@ impl Locks {
         match self.lessor.renew(term, id, received) {
             Renewal::Renewed(ttl) => Ok(Ok(ttl.as_millis() as u64)),
             Renewal::Expiring => Ok(Err(error(
-                tonic::Code::FailedPrecondition,
-                format!("session {id} expired (its TTL passed without a keep-alive); open a new session"),
-                "SESSION_EXPIRED",
+                tonic::Code::Unavailable,
+                format!("session {id}'s TTL passed without a keep-alive and its expiry is being committed; retry to learn the outcome"),
+                "SESSION_EXPIRING",
                 [("session_id", id.to_string())],
             ))),
             Renewal::Unknown => Ok(Err(gone(&self.state.read()))),
@@ -442,20 +483,38 @@ impl LockService for Locks {
                 ),
             ));
         }
-        match self
-            .propose(Cmd::OpenSession(cmd::OpenSession {
-                ttl_ms: ttl,
-                client_name: r.client_name,
-                request_id: r.request_id,
-            }))
-            .await?
-        {
-            Res::Session(s) => Ok(Response::new(OpenSessionResponse {
-                session_id: s.session_id,
-                ttl_ms: s.ttl_ms,
-            })),
-            _ => Err(unexpected("OpenSession")),
+        let open = Cmd::OpenSession(cmd::OpenSession {
+            ttl_ms: ttl,
+            client_name: r.client_name,
+            request_id: r.request_id,
+        });
+        for _ in 0..3 {
+            let Res::Session(s) = self.propose(open.clone()).await? else {
+                return Err(unexpected("OpenSession"));
+            };
+            // A retry (same request_id) answered with a session whose
+            // expiry is already decided would be lost right after: wait
+            // for that expiry to apply, then open a new one.
+            if !self.lessor.is_expiring(s.session_id) {
+                return Ok(Response::new(OpenSessionResponse {
+                    session_id: s.session_id,
+                    ttl_ms: s.ttl_ms,
+                }));
+            }
+            let gone = tokio::time::Instant::now() + Duration::from_secs(5);
+            while self.state.read().sessions.contains_key(&s.session_id)
+                && self.lessor.is_expiring(s.session_id)
+                && tokio::time::Instant::now() < gone
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
+        Err(error(
+            tonic::Code::Unavailable,
+            "the session this request_id opened is expiring; retry",
+            "SESSION_EXPIRING",
+            std::iter::empty::<(String, String)>(),
+        ))
     }
 
     async fn keep_alive(
@@ -475,6 +534,9 @@ impl LockService for Locks {
                     r.session_ids.len()
                 ),
             ));
+        }
+        if !self.state.read().leases_in_memory {
+            return self.keep_alive_through_log(r).await;
         }
         let term = self.confirm_leading().await?;
         let mut resp = KeepAliveResponse::default();
@@ -738,17 +800,21 @@ impl LockService for Locks {
         _req: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
         self.read_barrier().await?;
-        let st = self.state.read();
-        let sessions = st
-            .sessions
-            .values()
-            .map(|s| Session {
+        // A copy is O(1) (persistent maps): the table is not held while
+        // the answer is built.
+        let st = self.state.read().clone();
+        let sessions = st.sessions.values().collect::<Vec<_>>();
+        let deadlines = self.lessor.deadlines(sessions.iter().map(|s| s.id));
+        let (now, wall) = (std::time::Instant::now(), now_ms());
+        let sessions = sessions
+            .iter()
+            .zip(deadlines)
+            .map(|(s, deadline)| Session {
                 session_id: s.id,
                 client_name: s.name.clone(),
                 ttl_ms: s.ttl_ms,
-                expires_at_ms: self.lessor.deadline(s.id).map_or(0, |d| {
-                    let left = d.saturating_duration_since(std::time::Instant::now());
-                    now_ms() + left.as_millis() as u64
+                expires_at_ms: deadline.map_or(0, |d| {
+                    wall + d.saturating_duration_since(now).as_millis() as u64
                 }),
                 locks_held: s.locks.len() as u32,
                 waits: s.waits.len() as u32,

@@ -384,6 +384,11 @@ pub struct LockState {
     pub now_ms: u64,
     pub applied: u64,
     pub stats: Stats,
+    /// Sessions are leased in the leader's memory (`EnableLeases` applied).
+    /// Not part of the table's serde form: snapshots carry it after the
+    /// table, so snapshots of earlier builds (without it) still decode.
+    #[serde(skip)]
+    pub leases_in_memory: bool,
 }
 
 /// Why a command failed: the `google.rpc.ErrorInfo` reason a client acts
@@ -546,7 +551,14 @@ impl LockState {
                 counts(0, n)
             }
             Some(Cmd::Tick(t)) => {
-                self.tick(t.refresh_sessions, !t.leases_in_memory, &mut events);
+                // Once leases are in memory no Tick expires sessions, even
+                // one proposed before EnableLeases applied.
+                let sessions = !t.leases_in_memory && !self.leases_in_memory;
+                self.tick(t.refresh_sessions, sessions, &mut events);
+                counts(0, 0)
+            }
+            Some(Cmd::EnableLeases(_)) => {
+                self.leases_in_memory = true;
                 counts(0, 0)
             }
             Some(Cmd::ExpireSessions(e)) => {

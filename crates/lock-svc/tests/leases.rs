@@ -24,6 +24,7 @@ fn keep_alive(id: u64) -> KeepAliveRequest {
 async fn keep_alives_write_nothing_and_sessions_expire_only_when_they_stop() {
     let c = Cluster::start().await;
     let l = c.leader().await;
+    c.leases_on().await;
     let client = c.client();
     let s = client
         .open_session_unmanaged(Duration::from_millis(1_500), "kept")
@@ -112,6 +113,7 @@ fn dsync_now_ms() -> u64 {
 async fn one_call_renews_many_sessions_and_answers_each() {
     let c = Cluster::start().await;
     let l = c.leader().await;
+    c.leases_on().await;
     let client = c.client();
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -172,6 +174,7 @@ async fn one_call_renews_many_sessions_and_answers_each() {
 async fn failover_gives_sessions_a_fresh_ttl_and_followers_redirect() {
     let mut c = Cluster::start().await;
     let l = c.leader().await;
+    c.leases_on().await;
     let client = c.client();
     let s = client
         .open_session_unmanaged(Duration::from_millis(2_000), "survives")
@@ -219,6 +222,7 @@ async fn failover_gives_sessions_a_fresh_ttl_and_followers_redirect() {
 async fn a_partitioned_former_leader_renews_nothing() {
     let c = Cluster::start().await;
     let l = c.leader().await;
+    c.leases_on().await;
     let client = c.client();
     let s = client
         .open_session_unmanaged(Duration::from_millis(1_500), "cut off")
@@ -275,5 +279,70 @@ async fn a_partitioned_former_leader_renews_nothing() {
         .unwrap_err();
     assert_eq!(proto::status::reason(&e), "SESSION_EXPIRED", "{e:?}");
     c.faults.heal();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_stay_off_until_every_member_runs_a_build_with_them() {
+    // A rolling upgrade: replica 3 still runs a build without leases.
+    let (listeners, addrs) = consensus::testkit::bind_local(3).await.unwrap();
+    let mut c = Cluster {
+        dir: tempfile::tempdir().unwrap(),
+        addrs,
+        servers: Default::default(),
+        faults: consensus::testkit::Faults::new(),
+        without_leases: [3].into(),
+    };
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_on(i as u64 + 1, l);
+    }
+    let l = c.leader().await;
+    let client = c.client();
+    let s = client
+        .open_session_unmanaged(Duration::from_millis(1_500), "upgrading")
+        .await
+        .unwrap();
+    // Keep-alives go through the log, as the old build expects, and the
+    // session lives on through them.
+    let before = c.servers[&l].locks.group.status().last_index;
+    for _ in 0..8 {
+        client.keep_alive(s.session_id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let l = c.leader().await;
+    assert!(c.servers[&l].locks.group.status().last_index > before + 8);
+    assert!(c
+        .servers
+        .values()
+        .all(|x| !x.locks.state.read().leases_in_memory));
+    let r = client.keep_alive_many(&[s.session_id, 5]).await.unwrap();
+    let reasons: Vec<&str> = r.results.iter().map(|x| x.reason.as_str()).collect();
+    assert_eq!(reasons, ["", "SESSION_NOT_FOUND"]);
+    // Replica 3 is upgraded: leases go on, the session survives the switch.
+    c.kill(3).await;
+    c.without_leases.clear();
+    c.restart(3).await;
+    let t0 = Instant::now();
+    while !c
+        .servers
+        .values()
+        .all(|x| x.locks.state.read().leases_in_memory)
+    {
+        client.keep_alive(s.session_id).await.unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "leases never enabled"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let l = c.leader().await;
+    let before = c.servers[&l].locks.group.status().last_index;
+    for _ in 0..8 {
+        client.keep_alive(s.session_id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let after = c.servers[&l].locks.group.status();
+    assert!(after.is_leader());
+    assert_eq!(after.last_index, before, "keep-alives left the log");
     c.stop().await;
 }

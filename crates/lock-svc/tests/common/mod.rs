@@ -16,6 +16,9 @@ pub struct Cluster {
     pub addrs: HashMap<u64, String>,
     pub servers: HashMap<u64, LockServer>,
     pub faults: Arc<Faults>,
+    /// Replicas started as a build without session leases in memory
+    /// would be (they do not report the feature).
+    pub without_leases: std::collections::HashSet<u64>,
 }
 
 impl Cluster {
@@ -26,6 +29,7 @@ impl Cluster {
             addrs,
             servers: HashMap::new(),
             faults: Faults::new(),
+            without_leases: Default::default(),
         };
         for (i, l) in listeners.into_iter().enumerate() {
             c.start_on(i as u64 + 1, l);
@@ -41,6 +45,9 @@ impl Cluster {
         );
         cfg.tick_interval = Duration::from_millis(100);
         cfg.replica.faults = Some(self.faults.clone());
+        if self.without_leases.contains(&id) {
+            cfg.replica.features.clear();
+        }
         self.servers.insert(id, LockServer::start(cfg, l).unwrap());
     }
 
@@ -71,6 +78,19 @@ impl Cluster {
             }
             assert!(Instant::now() < deadline, "no single leader: {leaders:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until every running replica applied `EnableLeases`.
+    pub async fn leases_on(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .servers
+            .values()
+            .all(|s| s.locks.state.read().leases_in_memory)
+        {
+            assert!(Instant::now() < deadline, "leases never enabled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
