@@ -15,6 +15,9 @@ use crate::state::Limits;
 pub struct Flags {
     #[command(flatten)]
     pub common: CommonFlags,
+    /// Most locks held at once (each costs ~0.6 KB per replica).
+    #[arg(long, env = "DSYNC_MAX_LOCKS", default_value_t = Limits::default().max_locks)]
+    pub max_locks: usize,
     #[command(subcommand)]
     pub cmd: Option<Cmd>,
 }
@@ -42,9 +45,9 @@ impl LockConfig {
     }
 
     pub fn from_flags(f: &Flags) -> Result<Self, String> {
-        Ok(Self::from_replica(ReplicaConfig::from_flags(
-            "lock-svc", &f.common,
-        )?))
+        let mut cfg = Self::from_replica(ReplicaConfig::from_flags("lock-svc", &f.common)?);
+        cfg.limits.max_locks = f.max_locks;
+        Ok(cfg)
     }
 
     fn from_replica(mut replica: ReplicaConfig) -> Self {

@@ -721,7 +721,7 @@ impl LockService for Locks {
             read_index,
             ..Default::default()
         };
-        if let Some(res) = st.resources.get(&resource) {
+        if let Some(res) = st.resources.get(resource.as_str()) {
             resp.mode = res.mode().map_or(LockMode::Unspecified, Mode::to_proto) as i32;
             resp.holders = res
                 .holders

@@ -36,6 +36,7 @@
 //! routes those to the handlers blocked on them.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet};
 
@@ -81,7 +82,7 @@ impl Default for Limits {
             default_wait_ms: 30_000,
             max_wait_ms: 300_000,
             max_sessions: 100_000,
-            max_locks: 1_000_000,
+            max_locks: 2_000_000,
             max_waiters_per_resource: 10_000,
             wait_grace_ms: 2_000,
             remembered_expired: 10_000,
@@ -360,11 +361,13 @@ pub struct Event {
 pub struct LockState {
     pub limits: Limits,
     pub sessions: OrdMap<u64, Session>,
-    pub resources: OrdMap<String, Resource>,
+    /// Resource names are shared (one allocation per resource, however
+    /// many indexes name it).
+    pub resources: OrdMap<Arc<str>, Resource>,
     /// lock id → resource.
-    pub locks: OrdMap<u64, String>,
+    pub locks: OrdMap<u64, Arc<str>>,
     /// waiter id → resource.
-    pub waiters: OrdMap<u64, String>,
+    pub waiters: OrdMap<u64, Arc<str>>,
     /// Recently expired sessions: id → when.
     pub expired: OrdMap<u64, u64>,
     /// Call id → the wait or lock that call owns (answers for).
@@ -744,7 +747,8 @@ impl LockState {
             );
         }
         let max_waiters = self.limits.max_waiters_per_resource;
-        let res = self.resources.entry(c.resource.clone()).or_default();
+        let name = self.name(&c.resource);
+        let res = self.resources.entry(name.clone()).or_default();
         if let Some(h) = res.holders.values().find(|h| h.session == sid) {
             return err(
                 Reason::AlreadyHeld,
@@ -778,7 +782,7 @@ impl LockState {
                 request_id: Some(c.request_id),
             });
             self.own(c.call_id, index);
-            self.locks.insert(index, c.resource.clone());
+            self.locks.insert(index, name);
             self.stats.grants += 1;
             let s = self.sessions.get_mut(&sid).expect("checked above");
             s.locks.insert(index);
@@ -817,7 +821,7 @@ impl LockState {
             call: c.call_id,
         });
         self.own(c.call_id, index);
-        self.waiters.insert(index, c.resource.clone());
+        self.waiters.insert(index, name);
         let s = self.sessions.get_mut(&sid).expect("checked above");
         s.waits.insert(index);
         if c.request_id != 0 {
@@ -1224,7 +1228,7 @@ impl LockState {
                 Reason::WaitTimeout,
                 format!("timed out after {waited} ms waiting for '{resource}' ({holders})"),
                 [
-                    ("resource", resource.clone()),
+                    ("resource", resource.to_string()),
                     ("waited_ms", waited.to_string()),
                 ],
             ),
@@ -1404,7 +1408,7 @@ impl LockState {
 
     /// The victim (youngest wait in the cycle) and a message naming it.
     fn describe_cycle(&self, cycle: &[(u64, u64)]) -> (u64, String) {
-        let resource = |w: &u64| self.waiters.get(w).map_or("?", String::as_str);
+        let resource = |w: &u64| self.waiters.get(w).map_or("?", |r| &**r);
         let victim = cycle.iter().max_by_key(|(_, w)| *w).expect("non-empty");
         let steps: Vec<String> = cycle
             .iter()
@@ -1435,7 +1439,7 @@ impl LockState {
         }
     }
 
-    fn remove_waiter(&mut self, waiter_id: u64) -> Option<String> {
+    fn remove_waiter(&mut self, waiter_id: u64) -> Option<Arc<str>> {
         let resource = self.waiters.remove(&waiter_id)?;
         let res = self
             .resources
@@ -1457,6 +1461,7 @@ impl LockState {
 
     /// Grants waiters from the head of the queue while they are compatible.
     fn grant_waiters(&mut self, resource: &str, events: &mut Vec<Event>) {
+        let name = self.name(resource);
         let Some(res) = self.resources.get_mut(resource) else {
             return;
         };
@@ -1503,7 +1508,7 @@ impl LockState {
                 request_id: Some(w.request_id),
             });
             self.waiters.remove(&w.id);
-            self.locks.insert(w.id, resource.to_owned());
+            self.locks.insert(w.id, name.clone());
             if let Some(s) = self.sessions.get_mut(&w.session) {
                 s.waits.remove(&w.id);
                 s.locks.insert(w.id);
@@ -1515,6 +1520,14 @@ impl LockState {
             });
         }
         self.gc_resource(resource);
+    }
+
+    /// The shared name of `resource` (the existing one if it is in use).
+    fn name(&self, resource: &str) -> Arc<str> {
+        match self.resources.get_key_value(resource) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(resource),
+        }
     }
 
     fn gc_resource(&mut self, resource: &str) {
@@ -1533,7 +1546,7 @@ impl LockState {
             .range(after + 1..)
             .filter_map(|(id, r)| {
                 let h = self.resources.get(r)?.holders.get(id)?;
-                (session == 0 || h.session == session).then(|| (r.clone(), h.clone()))
+                (session == 0 || h.session == session).then(|| (r.to_string(), h.clone()))
             })
             .take(limit)
             .collect()
