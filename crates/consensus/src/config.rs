@@ -19,8 +19,15 @@ pub struct Config {
     pub max_election_ticks: usize,
     /// Leader heartbeat period in ticks (30 ms by default).
     pub heartbeat_ticks: usize,
-    /// Take a snapshot once this many entries were applied since the last.
+    /// Take a snapshot once this many entries were applied since the last
+    /// — and, when the last snapshot was over `snapshot_large_bytes`
+    /// (16 MiB), once the commands
+    /// applied since add up to a quarter of its size, so a large state is
+    /// not rewritten every few thousand small commands (its cost stays a
+    /// fraction of the log's).
     pub snapshot_entries: u64,
+    /// Snapshots over this size are amortized as `snapshot_entries` says.
+    pub snapshot_large_bytes: u64,
     /// Also take one when this much time passed and anything was applied.
     pub snapshot_interval: Duration,
     /// Entries kept in the log below a snapshot, so that a follower slightly
@@ -51,6 +58,7 @@ impl Config {
             max_election_ticks: 30,
             heartbeat_ticks: 3,
             snapshot_entries: 10_000,
+            snapshot_large_bytes: 16 << 20,
             snapshot_interval: Duration::from_secs(300),
             compact_lag: 1_000,
             request_timeout: Duration::from_secs(5),

@@ -152,6 +152,10 @@ pub(crate) struct Driver {
     applied_term: u64,
     snapshot_index: u64,
     last_snapshot_at: Instant,
+    /// Size of the last snapshot file written here, and bytes of commands
+    /// applied since the last snapshot started.
+    last_snapshot_bytes: u64,
+    applied_bytes: u64,
     snapshots_taken: u64,
     snapshots_installed: u64,
     proposals: u64,
@@ -203,6 +207,8 @@ impl Driver {
             applied_term: meta.term,
             snapshot_index: meta.index,
             last_snapshot_at: Instant::now(),
+            last_snapshot_bytes: 0,
+            applied_bytes: 0,
             snapshots_taken: 0,
             snapshots_installed: 0,
             proposals: 0,
@@ -607,6 +613,7 @@ impl Driver {
     fn apply(&mut self, entries: Vec<Entry>) {
         for entry in entries {
             let index = entry.index;
+            self.applied_bytes += entry.data.len() as u64;
             let response = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => Vec::new(),
                 EntryType::EntryNormal => self.sm.apply(index, &entry.data),
@@ -701,12 +708,17 @@ impl Driver {
         if since == 0 || self.snapshot_in_progress.is_some() {
             return;
         }
-        let due = since >= self.cfg.snapshot_entries
+        // A large state (over 16 MiB) is rewritten only once the commands
+        // since add up to a quarter of it.
+        let large = self.last_snapshot_bytes > self.cfg.snapshot_large_bytes;
+        let due = (since >= self.cfg.snapshot_entries
+            && (!large || self.applied_bytes.saturating_mul(4) >= self.last_snapshot_bytes))
             || self.last_snapshot_at.elapsed() >= self.cfg.snapshot_interval;
         if !force && !due {
             return;
         }
         let (group, index, term) = (self.group, self.applied, self.applied_term);
+        self.applied_bytes = 0;
         let job = self.sm.snapshot_job();
         let mut snap = Snapshot {
             data: snapfile::descriptor(&self.snaps.file(group, index, term, None)).into(),
@@ -761,6 +773,7 @@ impl Driver {
             }
             Ok(bytes) => self.storage.save_snapshot(&snap, compact_to).map(|()| {
                 self.snapshot_index = index;
+                self.last_snapshot_bytes = bytes;
                 self.last_snapshot_at = Instant::now();
                 self.snapshots_taken += 1;
                 self.snaps.gc(self.group, index);

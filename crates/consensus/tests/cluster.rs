@@ -229,6 +229,45 @@ async fn restart_recovers_every_acknowledged_entry() {
     assert_logs(&c, &rec, &acked);
 }
 
+/// A large state is rewritten only once the commands since its last
+/// snapshot add up to a quarter of that snapshot (here "large" is > 1 KiB:
+/// the recorder's snapshot holds every command, so it keeps growing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_snapshots_are_amortized_over_the_log() {
+    let rec = Recorders::default();
+    let c = Cluster::with_config(1, &[G], rec.factory(), |cfg| {
+        cfg.snapshot_entries = 10;
+        cfg.snapshot_large_bytes = 1024;
+    });
+    let leader = c.wait_leader(G).await;
+    let big = |i: u64| {
+        let mut v = cmd(i);
+        v.resize(100, b'.');
+        v
+    };
+    let mut taken = Vec::new();
+    for i in 0..400 {
+        c.propose(G, big(i), 5 * SEC).await.unwrap();
+        // Let a background snapshot land before the next is considered.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let st = c.handle(leader, G).status();
+        if taken.last() != Some(&st.snapshot_index) {
+            taken.push(st.snapshot_index);
+        }
+    }
+    let taken: Vec<u64> = taken.into_iter().filter(|i| *i > 0).collect();
+    assert!(taken.len() >= 3, "snapshots still taken: {taken:?}");
+    // Every 10 entries while small; then the gap grows with the state
+    // (each snapshot holds every command so far, ~100 bytes each): the
+    // gaps end well above 10 and never shrink back.
+    let gaps: Vec<u64> = taken.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        *gaps.last().unwrap() >= 40,
+        "later snapshots amortized: {taken:?}"
+    );
+    assert!(taken.len() < 20, "not one every 10 entries: {taken:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_behind_compaction_is_caught_up_by_snapshot() {
     let rec = Recorders::default();
