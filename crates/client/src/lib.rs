@@ -20,7 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use cache::CacheClient;
-pub use lock::{LockClient, LockGuard, Session};
+pub use lock::{LockClient, LockGuard, Session, SessionStream};
 pub use proto::lock::v1::LockMode;
 pub use queue::QueueClient;
 

@@ -13,9 +13,12 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use proto::lock::v1::lock_service_client::LockServiceClient;
 use proto::lock::v1::*;
@@ -474,5 +477,155 @@ impl Drop for LockGuard {
                 let _ = c.release(s, l, "").await;
             });
         }
+    }
+}
+
+type Answer = session_response::Result;
+/// The answers a [`SessionStream`] still owes, by seq; None once closed.
+type Owed = Arc<parking_lot::Mutex<Option<HashMap<u64, oneshot::Sender<Result<Answer, Status>>>>>>;
+
+/// One session's acquires and releases on one bidirectional stream to the
+/// leader ([`LockClient::stream`]): no call per operation, and the open
+/// stream keeps the session alive. Operations may run concurrently; each
+/// is answered by its own sequence number. If the stream breaks (leader
+/// change, replica down) every operation in flight fails UNAVAILABLE and
+/// so do later ones: open a new stream (the session lives on for its TTL).
+pub struct SessionStream {
+    session: u64,
+    tx: mpsc::Sender<SessionRequest>,
+    owed: Owed,
+    next: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl LockClient {
+    /// Opens a session stream for `session_id` on the leader (following
+    /// hints as calls do).
+    pub async fn stream(&self, session_id: u64) -> Result<SessionStream, Status> {
+        let (tx, mut inbound) = self
+            .conn
+            .call(|ch| async move {
+                let (tx, rx) = mpsc::channel(1024);
+                let attach = SessionRequest {
+                    seq: 0,
+                    op: Some(session_request::Op::Attach(AttachSession { session_id })),
+                };
+                let _ = tx.send(attach).await;
+                let mut inbound = LockServiceClient::new(ch)
+                    .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                match inbound.message().await? {
+                    Some(SessionResponse {
+                        result: Some(Answer::AttachedTtlMs(_)),
+                        ..
+                    }) => Ok((tx, inbound)),
+                    Some(SessionResponse {
+                        result: Some(Answer::Error(e)),
+                        ..
+                    }) => Err(op_status(e)),
+                    _ => Err(Status::unavailable(
+                        "the session stream ended before its attach was answered",
+                    )),
+                }
+            })
+            .await?;
+        let owed: Owed = Arc::new(parking_lot::Mutex::new(Some(HashMap::new())));
+        let reader = {
+            let owed = owed.clone();
+            tokio::spawn(async move {
+                let end = loop {
+                    match inbound.message().await {
+                        Ok(Some(r)) => {
+                            let waiter = owed.lock().as_mut().and_then(|o| o.remove(&r.seq));
+                            if let (Some(w), Some(result)) = (waiter, r.result) {
+                                let _ = w.send(Ok(result));
+                            }
+                        }
+                        Ok(None) => break Status::unavailable("the session stream ended"),
+                        Err(s) => break s,
+                    }
+                };
+                for (_, w) in owed.lock().take().unwrap_or_default() {
+                    let _ = w.send(Err(end.clone()));
+                }
+            })
+        };
+        Ok(SessionStream {
+            session: session_id,
+            tx,
+            owed,
+            next: AtomicU64::new(1),
+            reader,
+        })
+    }
+}
+
+/// A session stream's per-operation error as the unary call's status.
+fn op_status(e: OpError) -> Status {
+    proto::status::error(Code::from(e.code), e.message, &e.reason, e.metadata)
+}
+
+impl SessionStream {
+    pub fn session_id(&self) -> u64 {
+        self.session
+    }
+
+    async fn op(&self, op: session_request::Op) -> Result<Answer, Status> {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self.owed.lock().as_mut() {
+            Some(owed) => owed.insert(seq, tx),
+            None => return Err(Status::unavailable("the session stream ended")),
+        };
+        let req = SessionRequest { seq, op: Some(op) };
+        if self.tx.send(req).await.is_err() {
+            return Err(Status::unavailable("the session stream ended"));
+        }
+        match rx.await {
+            Ok(Ok(Answer::Error(e))) => Err(op_status(e)),
+            Ok(r) => r,
+            Err(_) => Err(Status::unavailable("the session stream ended")),
+        }
+    }
+
+    /// As [`LockClient::acquire`], on the stream (not retried: a broken
+    /// stream fails it UNAVAILABLE, and its wait is withdrawn).
+    pub async fn acquire(
+        &self,
+        resource: &str,
+        mode: LockMode,
+        wait: Option<Duration>,
+    ) -> Result<AcquireResponse, Status> {
+        let op = session_request::Op::Acquire(AcquireRequest {
+            session_id: self.session,
+            resource: resource.to_owned(),
+            mode: mode as i32,
+            wait_timeout_ms: wait.map(|w| w.as_millis() as u64),
+            request_id: rand::random::<u64>() | 1,
+        });
+        match self.op(op).await? {
+            Answer::Acquired(a) => Ok(a),
+            _ => Err(Status::internal("unexpected answer to an acquire")),
+        }
+    }
+
+    /// Releases by lock id (or, with `lock_id` 0, by resource).
+    pub async fn release(&self, lock_id: u64, resource: &str) -> Result<(), Status> {
+        let op = session_request::Op::Release(ReleaseRequest {
+            session_id: self.session,
+            lock_id,
+            resource: resource.to_owned(),
+        });
+        match self.op(op).await? {
+            Answer::Released(_) => Ok(()),
+            _ => Err(Status::internal("unexpected answer to a release")),
+        }
+    }
+}
+
+impl Drop for SessionStream {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }

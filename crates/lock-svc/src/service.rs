@@ -31,7 +31,8 @@ use proto::lock::v1::internal::{
 use proto::lock::v1::lock_service_server::LockService;
 use proto::lock::v1::*;
 use proto::status::error;
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::lessor::{Lessor, Renewal};
 use crate::machine::Waits;
@@ -376,6 +377,175 @@ impl Locks {
         Ok(Response::new(resp))
     }
 
+    /// Renews one session as KeepAlive does (in either mode): its TTL.
+    async fn renew_session(&self, id: u64) -> Result<u64, Status> {
+        if !self.state.read().leases_in_memory {
+            return match self
+                .propose(Cmd::KeepAlive(cmd::KeepAlive { session_id: id }))
+                .await?
+            {
+                Res::Session(s) => Ok(s.ttl_ms),
+                _ => Err(unexpected("KeepAlive")),
+            };
+        }
+        let received = std::time::Instant::now();
+        let term = self.confirm_leading().await?;
+        self.renew(term, id, received)?
+    }
+
+    /// Validates and runs an Acquire (unary or on a session stream): the
+    /// grant, and the delivery that abandons it unless disarmed.
+    async fn acquire_call(&self, r: AcquireRequest) -> Result<(AcquireResponse, Delivery), Status> {
+        check_session(r.session_id)?;
+        LockState::check_resource(&self.limits, &r.resource).map_err(|m| invalid("resource", m))?;
+        if Mode::from_proto(r.mode).is_none() {
+            return Err(invalid(
+                "mode",
+                "mode must be SHARED, EXCLUSIVE or UPGRADEABLE",
+            ));
+        }
+        let wait = self.check_wait(r.wait_timeout_ms)?;
+        let call = new_call_id();
+        let (g, delivery) = self
+            .grant_call(
+                Cmd::Acquire(cmd::Acquire {
+                    session_id: r.session_id,
+                    resource: r.resource,
+                    mode: r.mode,
+                    wait_timeout_ms: wait.as_millis() as u64,
+                    request_id: r.request_id,
+                    call_id: call,
+                }),
+                call,
+                r.session_id,
+                wait,
+            )
+            .await?;
+        let resp = AcquireResponse {
+            lock_id: g.lock_id,
+            fencing_token: g.fencing_token,
+            mode: g.mode,
+            call_id: call,
+        };
+        Ok((resp, delivery))
+    }
+
+    async fn release_call(&self, r: ReleaseRequest) -> Result<ReleaseResponse, Status> {
+        check_session(r.session_id)?;
+        if r.lock_id == 0 {
+            LockState::check_resource(&self.limits, &r.resource).map_err(|m| {
+                invalid(
+                    "resource",
+                    format!("give a lock_id or a valid resource: {m}"),
+                )
+            })?;
+        }
+        self.propose(Cmd::Release(cmd::Release {
+            session_id: r.session_id,
+            lock_id: r.lock_id,
+            resource: r.resource,
+        }))
+        .await?;
+        Ok(ReleaseResponse {})
+    }
+
+    /// Serves one session stream after its attach: runs its operations
+    /// (each in a task of its own, so waits do not block the stream),
+    /// renews the session every TTL / 3, and when the stream ends
+    /// withdraws the waits still open (their tasks end, their deliveries
+    /// abandon the calls).
+    async fn serve_stream(
+        self,
+        session: u64,
+        ttl: Duration,
+        mut inbound: Streaming<SessionRequest>,
+        out: mpsc::Sender<Result<SessionResponse, Status>>,
+    ) {
+        use session_request::Op;
+        use session_response::Result as Answer;
+        let mut ops = tokio::task::JoinSet::new();
+        let mut renew = tokio::time::interval(ttl / 3);
+        renew.tick().await;
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = renew.tick() => {
+                    if let Err(status) = self.renew_session(session).await {
+                        let _ = out.send(Err(status)).await;
+                        break;
+                    }
+                    continue;
+                }
+                _ = out.closed() => break,
+                Some(_) = ops.join_next(), if !ops.is_empty() => continue,
+            };
+            let Ok(Some(SessionRequest { seq, op })) = msg else {
+                break;
+            };
+            let (locks, out) = (self.clone(), out.clone());
+            ops.spawn(async move {
+                let answer = match op {
+                    Some(Op::Acquire(mut r)) => {
+                        if r.session_id == 0 {
+                            r.session_id = session;
+                        }
+                        if r.session_id != session {
+                            Err(invalid(
+                                "session_id",
+                                "a stream acts for its attached session only",
+                            ))
+                        } else {
+                            match locks.acquire_call(r).await {
+                                Ok((granted, delivery)) => {
+                                    let sent = out
+                                        .send(Ok(SessionResponse {
+                                            seq,
+                                            result: Some(Answer::Acquired(granted)),
+                                        }))
+                                        .await;
+                                    // Handed to the stream: kept (see the
+                                    // Session rpc); not sent: abandoned.
+                                    if sent.is_ok() {
+                                        delivery.disarm();
+                                    }
+                                    return;
+                                }
+                                Err(status) => Err(status),
+                            }
+                        }
+                    }
+                    Some(Op::Release(mut r)) => {
+                        if r.session_id == 0 {
+                            r.session_id = session;
+                        }
+                        if r.session_id != session {
+                            Err(invalid(
+                                "session_id",
+                                "a stream acts for its attached session only",
+                            ))
+                        } else {
+                            locks.release_call(r).await.map(Answer::Released)
+                        }
+                    }
+                    Some(Op::Attach(_)) => {
+                        Err(invalid("attach", "this stream is already attached"))
+                    }
+                    None => Err(invalid("op", "an operation is required")),
+                };
+                let result = answer.unwrap_or_else(|status| Answer::Error(op_error(&status)));
+                let _ = out
+                    .send(Ok(SessionResponse {
+                        seq,
+                        result: Some(result),
+                    }))
+                    .await;
+            });
+        }
+        // Waits still open are withdrawn: their handlers go away.
+        ops.abort_all();
+        while ops.join_next().await.is_some() {}
+    }
+
     /// Confirms that this replica leads, with a read index issued now (so
     /// after whatever request the caller received): answers the term it
     /// leads in, with its session leases kept for that term. A new leader's
@@ -440,6 +610,19 @@ impl Locks {
             .read_index()
             .await
             .map_err(|e| to_status(&e, GROUP))
+    }
+}
+
+/// A status as a session stream's per-operation error.
+fn op_error(s: &Status) -> OpError {
+    let info = proto::status::error_info(s);
+    OpError {
+        code: s.code() as i32,
+        message: s.message().to_owned(),
+        reason: info.as_ref().map(|i| i.reason.clone()).unwrap_or_default(),
+        metadata: info
+            .map(|i| i.metadata.into_iter().collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -582,38 +765,8 @@ impl LockService for Locks {
         &self,
         req: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
-        let r = req.into_inner();
-        check_session(r.session_id)?;
-        LockState::check_resource(&self.limits, &r.resource).map_err(|m| invalid("resource", m))?;
-        if Mode::from_proto(r.mode).is_none() {
-            return Err(invalid(
-                "mode",
-                "mode must be SHARED, EXCLUSIVE or UPGRADEABLE",
-            ));
-        }
-        let wait = self.check_wait(r.wait_timeout_ms)?;
-        let call = new_call_id();
-        let (g, delivery) = self
-            .grant_call(
-                Cmd::Acquire(cmd::Acquire {
-                    session_id: r.session_id,
-                    resource: r.resource,
-                    mode: r.mode,
-                    wait_timeout_ms: wait.as_millis() as u64,
-                    request_id: r.request_id,
-                    call_id: call,
-                }),
-                call,
-                r.session_id,
-                wait,
-            )
-            .await?;
-        let mut resp = Response::new(AcquireResponse {
-            lock_id: g.lock_id,
-            fencing_token: g.fencing_token,
-            mode: g.mode,
-            call_id: call,
-        });
+        let (granted, delivery) = self.acquire_call(req.into_inner()).await?;
+        let mut resp = Response::new(granted);
         attach(&mut resp, delivery);
         Ok(resp)
     }
@@ -622,23 +775,43 @@ impl LockService for Locks {
         &self,
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        let r = req.into_inner();
-        check_session(r.session_id)?;
-        if r.lock_id == 0 {
-            LockState::check_resource(&self.limits, &r.resource).map_err(|m| {
-                invalid(
-                    "resource",
-                    format!("give a lock_id or a valid resource: {m}"),
-                )
-            })?;
-        }
-        self.propose(Cmd::Release(cmd::Release {
-            session_id: r.session_id,
-            lock_id: r.lock_id,
-            resource: r.resource,
-        }))
-        .await?;
-        Ok(Response::new(ReleaseResponse {}))
+        Ok(Response::new(self.release_call(req.into_inner()).await?))
+    }
+
+    type SessionStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<SessionResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid("attach", "the stream ended before its attach"))?;
+        let Some(session_request::Op::Attach(a)) = first.op else {
+            return Err(invalid("attach", "the first message must be an attach"));
+        };
+        check_session(a.session_id)?;
+        let ttl = self.renew_session(a.session_id).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let _ = tx
+            .send(Ok(SessionResponse {
+                seq: first.seq,
+                result: Some(session_response::Result::AttachedTtlMs(ttl)),
+            }))
+            .await;
+        tokio::spawn(self.clone().serve_stream(
+            a.session_id,
+            Duration::from_millis(ttl.max(3)),
+            inbound,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn release_all(

@@ -49,6 +49,10 @@ struct Args {
     /// The TTL of those sessions and leases (a keep-alive every TTL / 3).
     #[arg(long, default_value_t = 9000)]
     keepalive_ttl_ms: u64,
+    /// Also run every dsync row with each client's operations on one
+    /// session stream (the Session rpc) instead of unary calls.
+    #[arg(long)]
+    stream: bool,
     /// Run the rows against etcd too: auto (if `etcd` is installed), off.
     #[arg(long, default_value = "auto")]
     etcd: String,
@@ -438,7 +442,20 @@ async fn main() {
     let mut rows = Vec::new();
     for hot in [false, true] {
         for &n in &args.clients {
-            rows.push((n, hot, dsync_row(&conns, n, hot, args.seconds).await));
+            rows.push((
+                n,
+                hot,
+                false,
+                dsync_row(&conns, n, hot, args.seconds, false).await,
+            ));
+            if args.stream {
+                rows.push((
+                    n,
+                    hot,
+                    true,
+                    dsync_row(&conns, n, hot, args.seconds, true).await,
+                ));
+            }
         }
     }
     drop(_replicas);
@@ -470,8 +487,19 @@ async fn main() {
         "| clients | resources | dsync pairs/s (p50, p99 ms) | errors | etcd pairs/s (p50, p99 ms) | errors | ratio |"
     );
     println!("|---:|---|---|---:|---|---:|---:|");
-    for (i, (n, hot, d)) in rows.iter().enumerate() {
-        let (e, ratio) = match etcd_rows.get(i) {
+    let mut etcd_of = std::collections::HashMap::new();
+    let mut k = 0;
+    for hot in [false, true] {
+        for &n in &args.clients {
+            if let Some(e) = etcd_rows.get(k) {
+                etcd_of.insert((n, hot), e);
+            }
+            k += 1;
+        }
+    }
+    for (n, hot, stream, d) in rows.iter() {
+        let e_row = etcd_of.get(&(*n, *hot));
+        let (e, ratio) = match e_row {
             Some(e) => (
                 format!("{:.0} ({:.1}, {:.1})", e.pairs_per_s, e.p50_ms, e.p99_ms),
                 format!("{:.1}×", d.pairs_per_s / e.pairs_per_s.max(1e-9)),
@@ -479,20 +507,21 @@ async fn main() {
             None => ("—".into(), "—".into()),
         };
         println!(
-            "| {n} | {} | {:.0} ({:.1}, {:.1}) | {} | {e} | {} | {ratio} |",
+            "| {n} | {}{} | {:.0} ({:.1}, {:.1}) | {} | {e} | {} | {ratio} |",
             if *hot { "10 hot" } else { "distinct" },
+            if *stream { ", stream" } else { "" },
             d.pairs_per_s,
             d.p50_ms,
             d.p99_ms,
             d.errors,
-            etcd_rows.get(i).map_or(0, |e| e.errors),
+            e_row.map_or(0, |e| e.errors),
         );
     }
 }
 
 /// The throughput row against dsync: N clients, each its own session,
 /// acquire + release pairs.
-async fn dsync_row(conns: &[LockClient], n: usize, hot: bool, seconds: u64) -> Row {
+async fn dsync_row(conns: &[LockClient], n: usize, hot: bool, seconds: u64, stream: bool) -> Row {
     let end = Instant::now() + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -503,6 +532,24 @@ async fn dsync_row(conns: &[LockClient], n: usize, hot: bool, seconds: u64) -> R
                     .await
                     .unwrap();
                 let (mut h, mut errors, mut k) = (hist(), 0u64, 0u64);
+                if stream {
+                    let st = c.stream(s.id()).await.unwrap();
+                    while Instant::now() < end {
+                        k += 1;
+                        let res = resource(hot, i, k);
+                        let t = Instant::now();
+                        let wait = Some(Duration::from_secs(10));
+                        match st.acquire(&res, LockMode::Exclusive, wait).await {
+                            Ok(r) if st.release(r.lock_id, "").await.is_ok() => {
+                                h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+                            }
+                            _ => errors += 1,
+                        }
+                    }
+                    drop(st);
+                    let _ = s.close().await;
+                    return (h, errors);
+                }
                 while Instant::now() < end {
                     k += 1;
                     let res = resource(hot, i, k);

@@ -1,0 +1,141 @@
+//! Session streams over real gRPC sockets: acquires and releases as
+//! messages on one stream, grants pushed when decided, per-operation
+//! errors that leave the stream open, the stream keeping its session
+//! alive, and waits withdrawn when the stream goes.
+
+use std::time::{Duration, Instant};
+
+use dsync_client::LockMode;
+use tonic::Code;
+
+mod common;
+use common::Cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_carries_a_sessions_locks_and_keeps_it_alive() {
+    let c = Cluster::start().await;
+    c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let me = client
+        .open_session_unmanaged(Duration::from_millis(1_500), "streamer")
+        .await
+        .unwrap()
+        .session_id;
+    let other = client
+        .open_session(Duration::from_secs(10), "other")
+        .await
+        .unwrap();
+    let s = client.stream(me).await.unwrap();
+    let a = s
+        .acquire("a", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(a.fencing_token > 0);
+    // A wait on the stream does not hold up the stream's other operations.
+    let held = other
+        .acquire("b", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let (waiting, quick) = tokio::join!(
+        async {
+            s.acquire("b", LockMode::Exclusive, Some(Duration::from_secs(10)))
+                .await
+        },
+        async {
+            let r = s
+                .acquire("c", LockMode::Shared, Some(Duration::ZERO))
+                .await
+                .unwrap();
+            let t = held.fencing_token();
+            held.release().await.unwrap();
+            (r, t)
+        }
+    );
+    let (c_lock, b_first_token) = quick;
+    let b = waiting.expect("granted once the other session released");
+    assert!(b.fencing_token > b_first_token);
+    s.release(c_lock.lock_id, "").await.unwrap();
+    // Errors answer the operation; the stream goes on.
+    let e = s.acquire("", LockMode::Exclusive, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(proto::status::reason(&e), "INVALID_ARGUMENT");
+    let e = s
+        .acquire("a", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert_eq!(proto::status::reason(&e), "ALREADY_HELD");
+    let e = s.release(987_654, "").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // No keep-alive for three TTLs: the open stream keeps the session.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    let st = client.status("a").await.unwrap();
+    assert_eq!(st.holders.len(), 1, "{st:?}");
+    assert_eq!(st.holders[0].session_id, me);
+    s.release(a.lock_id, "").await.unwrap();
+    s.release(b.lock_id, "").await.unwrap();
+    // Once the stream is gone, nothing renews the session: it expires.
+    drop(s);
+    let t0 = Instant::now();
+    loop {
+        let sessions = client.list_sessions().await.unwrap().sessions;
+        if sessions.iter().all(|x| x.session_id != me) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stream_withdraws_its_waits() {
+    let c = Cluster::start().await;
+    c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let holder = client
+        .open_session(Duration::from_secs(10), "holder")
+        .await
+        .unwrap();
+    let g = holder
+        .acquire("busy", LockMode::Exclusive, None)
+        .await
+        .unwrap();
+    let me = client
+        .open_session(Duration::from_secs(10), "waiter")
+        .await
+        .unwrap();
+    let s = std::sync::Arc::new(client.stream(me.id()).await.unwrap());
+    let waiting = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.acquire("busy", LockMode::Exclusive, Some(Duration::from_secs(30)))
+                .await
+        })
+    };
+    let t0 = Instant::now();
+    while client.status("busy").await.unwrap().waiters.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client goes away mid-wait: the stream ends, the wait goes.
+    waiting.abort();
+    drop(s);
+    let t0 = Instant::now();
+    loop {
+        let st = client.status("busy").await.unwrap();
+        if st.waiters.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "wait not withdrawn: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    g.release().await.unwrap();
+    let st = client.status("busy").await.unwrap();
+    assert!(st.holders.is_empty(), "{st:?}");
+    c.stop().await;
+}
