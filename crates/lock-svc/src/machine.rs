@@ -269,7 +269,10 @@ mod tests {
             assert_eq!(st.locks.len(), 3);
             assert_eq!(st.waiters.len(), 1);
             let h = st.resources["r1"].holders.get(&3).unwrap();
-            assert_eq!((h.session, h.call, h.request_id), (1, 101, None));
+            assert_eq!(
+                (h.session, h.call, h.request_id),
+                (1, 101, crate::state::UNKNOWN_REQUEST)
+            );
             assert!(st.abandoned_set.contains(&999));
         }
         // Releasing r1 (a lock of unknown request id) forgets its request

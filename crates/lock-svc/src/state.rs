@@ -165,10 +165,16 @@ pub struct Holder {
     /// (see `Cmd::Abandon`); 0 when none.
     #[serde(default)]
     pub call: u64,
-    /// The request id that acquired it (0: none); None in snapshots of
-    /// builds that did not record it.
-    #[serde(default)]
-    pub request_id: Option<u64>,
+    /// The request id that acquired it (0: none); [`UNKNOWN_REQUEST`] in
+    /// snapshots of builds that did not record it.
+    pub request_id: u64,
+}
+
+/// A holder's request id as restored from a build that did not record it.
+pub const UNKNOWN_REQUEST: u64 = u64::MAX;
+
+fn unknown_request() -> u64 {
+    UNKNOWN_REQUEST
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,7 +195,58 @@ pub struct Waiter {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resource {
     pub holders: Holders,
-    pub queue: VecDeque<Waiter>,
+    pub queue: Queue,
+}
+
+/// A resource's FIFO of waiters: boxed, and absent while nobody waits
+/// (most resources), so an idle resource costs one pointer for it.
+/// Serialized as the sequence of waiters.
+#[derive(Debug, Clone, Default)]
+pub struct Queue(Option<Box<VecDeque<Waiter>>>);
+
+impl Queue {
+    /// Frees the box once nobody waits.
+    fn shrink(&mut self) {
+        if self.0.as_ref().is_some_and(|q| q.is_empty()) {
+            self.0 = None;
+        }
+    }
+}
+
+impl PartialEq for Queue {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Queue {}
+
+static NO_WAITERS: VecDeque<Waiter> = VecDeque::new();
+
+impl std::ops::Deref for Queue {
+    type Target = VecDeque<Waiter>;
+    fn deref(&self) -> &VecDeque<Waiter> {
+        self.0.as_deref().unwrap_or(&NO_WAITERS)
+    }
+}
+
+impl std::ops::DerefMut for Queue {
+    fn deref_mut(&mut self) -> &mut VecDeque<Waiter> {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl Serialize for Queue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Queue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let q = VecDeque::<Waiter>::deserialize(d)?;
+        Ok(Queue((!q.is_empty()).then(|| Box::new(q))))
+    }
 }
 
 thread_local! {
@@ -227,8 +284,8 @@ struct HolderLayout {
     since_ms: u64,
     #[serde(default)]
     call: u64,
-    #[serde(default)]
-    request_id: Option<u64>,
+    #[serde(default = "unknown_request")]
+    request_id: u64,
 }
 
 impl<'de> Deserialize<'de> for Holder {
@@ -242,7 +299,7 @@ impl<'de> Deserialize<'de> for Holder {
                 token: h.token,
                 since_ms: h.since_ms,
                 call: h.call,
-                request_id: None,
+                request_id: UNKNOWN_REQUEST,
             }
         } else {
             HolderLayout::deserialize(d)?
@@ -779,7 +836,7 @@ impl LockState {
                 token,
                 since_ms: now,
                 call: c.call_id,
-                request_id: Some(c.request_id),
+                request_id: c.request_id,
             });
             self.own(c.call_id, index);
             self.locks.insert(index, name);
@@ -1454,7 +1511,7 @@ impl LockState {
         self.disown(w.call, waiter_id);
         if let Some(s) = self.sessions.get_mut(&w.session) {
             s.waits.remove(&waiter_id);
-            forget_request(&mut s.requests, Some(w.request_id), waiter_id);
+            forget_request(&mut s.requests, w.request_id, waiter_id);
         }
         Some(resource)
     }
@@ -1505,7 +1562,7 @@ impl LockState {
                 token,
                 since_ms: self.now_ms,
                 call: w.call,
-                request_id: Some(w.request_id),
+                request_id: w.request_id,
             });
             self.waiters.remove(&w.id);
             self.locks.insert(w.id, name.clone());
@@ -1519,6 +1576,7 @@ impl LockState {
                 outcome: granted(w.id, token, w.mode),
             });
         }
+        res.queue.shrink();
         self.gc_resource(resource);
     }
 
@@ -1568,21 +1626,21 @@ fn disown(calls: &mut OrdMap<u64, u64>, call: u64, id: u64) {
 /// Forgets that `request` created `id`: by its request id when known (0:
 /// it had none), else (a lock from a snapshot of an earlier build) by a
 /// scan of the session's requests.
-fn forget_request(requests: &mut OrdMap<u64, u64>, request: Option<u64>, id: u64) {
+fn forget_request(requests: &mut OrdMap<u64, u64>, request: u64, id: u64) {
     match request {
-        Some(0) => {}
-        Some(r) => {
-            if requests.get(&r) == Some(&id) {
-                requests.remove(&r);
-            }
-        }
-        None => {
+        0 => {}
+        UNKNOWN_REQUEST => {
             let stale: Vec<u64> = requests
                 .iter()
                 .filter(|(_, v)| **v == id)
                 .map(|(k, _)| *k)
                 .collect();
             for r in stale {
+                requests.remove(&r);
+            }
+        }
+        r => {
+            if requests.get(&r) == Some(&id) {
                 requests.remove(&r);
             }
         }

@@ -429,6 +429,10 @@ async fn main() {
     drop(s);
 
     let _holders = if args.held > 0 {
+        println!(
+            "dsync before the fill: {}",
+            footprint(&_replicas.0, dir.path(), "n")
+        );
         let (sessions, rate, max_ms) = dsync_hold(&conns, args.held).await;
         println!(
             "dsync: {} locks held by 64 sessions, filled at {rate:.0} acquires/s (max {max_ms:.0} ms); {}",
@@ -459,6 +463,9 @@ async fn main() {
         }
     }
     drop(_replicas);
+    if args.held > 0 {
+        restart_all(dir.path(), args.held).await;
+    }
 
     let mut etcd_rows = Vec::new();
     if args.etcd != "off" && etcd_present() {
@@ -637,5 +644,34 @@ async fn keepalives(
         let pids: Vec<u32> = etcd.0.iter().map(|c| c.id()).collect();
         let e = keepalive::etcd(&chans, &pids, args.keepalive, ttl, args.seconds).await;
         println!("etcd, one LeaseKeepAlive stream per connection: {e}");
+    }
+}
+
+/// After `kill -9` of all three replicas (holding `held` locks): starts
+/// them again on the same directories and times until the cluster serves
+/// (a session opens and a held lock shows as held), then the footprint.
+async fn restart_all(dir: &std::path::Path, held: usize) {
+    let t0 = Instant::now();
+    let (procs, endpoints) = spawn_replicas(&release_binary("lock-svc"), dir, &[]);
+    let client = LockClient::connect(endpoints).unwrap();
+    let probe = format!("held-{}", held - 1);
+    loop {
+        let opened = client.open_session(Duration::from_secs(5), "restart").await;
+        if let (Ok(s), Ok(st)) = (opened, client.status(&probe).await) {
+            let served = t0.elapsed();
+            assert_eq!(st.holders.len(), 1, "the held lock survived: {st:?}");
+            let _ = s.close().await;
+            println!(
+                "dsync: all three replicas killed (SIGKILL) and restarted: serving again after {:.2} s; {}",
+                served.as_secs_f64(),
+                footprint(&procs.0, dir, "n")
+            );
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "did not serve after a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
