@@ -283,7 +283,7 @@ class LeaderChannel:
                 return Verdict(retry=True, pause=False)
             self._forget(addr)
             return Verdict(retry=True, pause=True)
-        if err.reason in ("NOT_APPLIED", "OVERLOADED"):
+        if err.reason in ("NOT_APPLIED", "OVERLOADED", "SESSION_EXPIRING"):
             return Verdict(retry=True, pause=True)
         if err.reason == "OUTCOME_UNKNOWN":
             return Verdict(retry=safe_to_repeat, pause=True, maybe_applied=True)

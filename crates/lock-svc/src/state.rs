@@ -202,6 +202,9 @@ pub struct Resource {
 /// (most resources), so an idle resource costs one pointer for it.
 /// Serialized as the sequence of waiters.
 #[derive(Debug, Clone, Default)]
+// The box is the point: one pointer in every resource instead of a
+// VecDeque's four words.
+#[allow(clippy::box_collection)]
 pub struct Queue(Option<Box<VecDeque<Waiter>>>);
 
 impl Queue {
