@@ -485,24 +485,27 @@ type Answer = session_response::Result;
 type Owed = Arc<parking_lot::Mutex<Option<HashMap<u64, oneshot::Sender<Result<Answer, Status>>>>>>;
 
 /// One session's acquires and releases on one bidirectional stream to the
-/// leader ([`LockClient::stream`]): no call per operation, and the open
-/// stream keeps the session alive. Operations may run concurrently; each
-/// is answered by its own sequence number. If the stream breaks (leader
-/// change, replica down) every operation in flight fails UNAVAILABLE and
-/// so do later ones: open a new stream (the session lives on for its TTL).
+/// leader ([`LockClient::stream`]): no call per operation, and the stream
+/// keeps the session alive (a ping every TTL / 3). Operations may run
+/// concurrently; each is answered by its own sequence number. If the stream
+/// breaks (leader change, replica down) every operation in flight fails
+/// UNAVAILABLE and so do later ones: open a new stream (the session lives
+/// on for its TTL). An acquire whose caller stopped waiting is released
+/// when its grant arrives.
 pub struct SessionStream {
     session: u64,
     tx: mpsc::Sender<SessionRequest>,
     owed: Owed,
     next: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    pinger: tokio::task::JoinHandle<()>,
 }
 
 impl LockClient {
     /// Opens a session stream for `session_id` on the leader (following
     /// hints as calls do).
     pub async fn stream(&self, session_id: u64) -> Result<SessionStream, Status> {
-        let (tx, mut inbound) = self
+        let (tx, mut inbound, ttl) = self
             .conn
             .call(|ch| async move {
                 let (tx, rx) = mpsc::channel(1024);
@@ -517,9 +520,9 @@ impl LockClient {
                     .into_inner();
                 match inbound.message().await? {
                     Some(SessionResponse {
-                        result: Some(Answer::AttachedTtlMs(_)),
+                        result: Some(Answer::AttachedTtlMs(ttl)),
                         ..
-                    }) => Ok((tx, inbound)),
+                    }) => Ok((tx, inbound, Duration::from_millis(ttl.max(3)))),
                     Some(SessionResponse {
                         result: Some(Answer::Error(e)),
                         ..
@@ -532,14 +535,25 @@ impl LockClient {
             .await?;
         let owed: Owed = Arc::new(parking_lot::Mutex::new(Some(HashMap::new())));
         let reader = {
-            let owed = owed.clone();
+            let (owed, tx) = (owed.clone(), tx.clone());
             tokio::spawn(async move {
                 let end = loop {
                     match inbound.message().await {
                         Ok(Some(r)) => {
                             let waiter = owed.lock().as_mut().and_then(|o| o.remove(&r.seq));
-                            if let (Some(w), Some(result)) = (waiter, r.result) {
-                                let _ = w.send(Ok(result));
+                            let Some(result) = r.result else { continue };
+                            let unread = match waiter {
+                                Some(w) => w.send(Ok(result)).err().and_then(|r| r.ok()),
+                                None => Some(result),
+                            };
+                            // Nobody waits for this grant any more.
+                            if let Some(Answer::Acquired(a)) = unread {
+                                let op = session_request::Op::Release(ReleaseRequest {
+                                    session_id,
+                                    lock_id: a.lock_id,
+                                    resource: String::new(),
+                                });
+                                let _ = tx.try_send(SessionRequest { seq: 0, op: Some(op) });
                             }
                         }
                         Ok(None) => break Status::unavailable("the session stream ended"),
@@ -551,12 +565,25 @@ impl LockClient {
                 }
             })
         };
+        let pinger = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    let ping = session_request::Op::Ping(Ping {});
+                    if tx.send(SessionRequest { seq: 0, op: Some(ping) }).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
         Ok(SessionStream {
             session: session_id,
             tx,
             owed,
             next: AtomicU64::new(1),
             reader,
+            pinger,
         })
     }
 }
@@ -590,7 +617,8 @@ impl SessionStream {
     }
 
     /// As [`LockClient::acquire`], on the stream (not retried: a broken
-    /// stream fails it UNAVAILABLE, and its wait is withdrawn).
+    /// stream fails it UNAVAILABLE, and its wait is withdrawn; if this
+    /// future is dropped, a later grant is released).
     pub async fn acquire(
         &self,
         resource: &str,
@@ -627,5 +655,6 @@ impl SessionStream {
 impl Drop for SessionStream {
     fn drop(&mut self) {
         self.reader.abort();
+        self.pinger.abort();
     }
 }

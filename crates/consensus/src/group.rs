@@ -156,6 +156,8 @@ pub(crate) struct Driver {
     /// applied since the last snapshot started.
     last_snapshot_bytes: u64,
     applied_bytes: u64,
+    /// `applied_bytes` when the snapshot in progress was captured.
+    applied_bytes_at_capture: u64,
     snapshots_taken: u64,
     snapshots_installed: u64,
     proposals: u64,
@@ -178,6 +180,7 @@ impl Driver {
         snaps: SnapDir,
     ) -> Self {
         let meta = storage.snapshot_metadata();
+        let last_snapshot_bytes = snapshot_size(&storage);
         Self {
             group,
             cfg,
@@ -207,8 +210,9 @@ impl Driver {
             applied_term: meta.term,
             snapshot_index: meta.index,
             last_snapshot_at: Instant::now(),
-            last_snapshot_bytes: 0,
+            last_snapshot_bytes,
             applied_bytes: 0,
+            applied_bytes_at_capture: 0,
             snapshots_taken: 0,
             snapshots_installed: 0,
             proposals: 0,
@@ -592,6 +596,8 @@ impl Driver {
             .restore_from(meta.index, &mut data)
             .map_err(|e| Error::Storage(format!("restoring snapshot at {}: {e}", meta.index)))?;
         drop(data);
+        self.last_snapshot_bytes = snapfile_size(&snap.data);
+        self.applied_bytes = 0;
         self.snaps.gc(self.group, meta.index);
         self.applied = meta.index;
         self.applied_term = meta.term;
@@ -718,7 +724,7 @@ impl Driver {
             return;
         }
         let (group, index, term) = (self.group, self.applied, self.applied_term);
-        self.applied_bytes = 0;
+        self.applied_bytes_at_capture = self.applied_bytes;
         let job = self.sm.snapshot_job();
         let mut snap = Snapshot {
             data: snapfile::descriptor(&self.snaps.file(group, index, term, None)).into(),
@@ -774,6 +780,10 @@ impl Driver {
             Ok(bytes) => self.storage.save_snapshot(&snap, compact_to).map(|()| {
                 self.snapshot_index = index;
                 self.last_snapshot_bytes = bytes;
+                // Commands applied since the capture count toward the next.
+                self.applied_bytes = self
+                    .applied_bytes
+                    .saturating_sub(self.applied_bytes_at_capture);
                 self.last_snapshot_at = Instant::now();
                 self.snapshots_taken += 1;
                 self.snaps.gc(self.group, index);
@@ -827,6 +837,20 @@ impl Driver {
         s.proposals = self.proposals;
         s.running = true;
     }
+}
+
+/// Size of the snapshot file a descriptor names (0 if unknown).
+fn snapfile_size(descriptor: &[u8]) -> u64 {
+    snapfile::file_of(descriptor)
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len())
+}
+
+/// Size of the group's current snapshot file, when it has one.
+fn snapshot_size(storage: &GroupStorage) -> u64 {
+    storage
+        .load_snapshot()
+        .map_or(0, |s| snapfile_size(&s.data))
 }
 
 fn read_id(ctx: &[u8]) -> u64 {

@@ -58,6 +58,9 @@ pub struct Locks {
     pub limits: Limits,
 }
 
+/// Most operations of one session stream in flight at once.
+pub const MAX_STREAM_OPS: usize = 1024;
+
 /// Most sessions one KeepAlive renews.
 pub const MAX_KEEPALIVE_SESSIONS: usize = 10_000;
 
@@ -379,6 +382,16 @@ impl Locks {
 
     /// Renews one session as KeepAlive does (in either mode): its TTL.
     async fn renew_session(&self, id: u64) -> Result<u64, Status> {
+        self.renew_session_from(id, std::time::Instant::now()).await
+    }
+
+    /// Renews one session for its TTL from `received` (when the client
+    /// last showed it is alive; a replicated KeepAlive renews from now).
+    async fn renew_session_from(
+        &self,
+        id: u64,
+        received: std::time::Instant,
+    ) -> Result<u64, Status> {
         if !self.state.read().leases_in_memory {
             return match self
                 .propose(Cmd::KeepAlive(cmd::KeepAlive { session_id: id }))
@@ -388,7 +401,6 @@ impl Locks {
                 _ => Err(unexpected("KeepAlive")),
             };
         }
-        let received = std::time::Instant::now();
         let term = self.confirm_leading().await?;
         self.renew(term, id, received)?
     }
@@ -450,10 +462,12 @@ impl Locks {
     }
 
     /// Serves one session stream after its attach: runs its operations
-    /// (each in a task of its own, so waits do not block the stream),
-    /// renews the session every TTL / 3, and when the stream ends
-    /// withdraws the waits still open (their tasks end, their deliveries
-    /// abandon the calls).
+    /// (each in a task of its own, at most [`MAX_STREAM_OPS`] at once, so
+    /// waits do not block the stream), renews the session every TTL / 3
+    /// from the last message heard (in a task, so renewals do not hold up
+    /// messages), and ends the stream on NOT_LEADER. A half-close lets the
+    /// operations in flight finish; a broken stream drops them, so their
+    /// deliveries abandon the waits still open.
     async fn serve_stream(
         self,
         session: u64,
@@ -461,89 +475,130 @@ impl Locks {
         mut inbound: Streaming<SessionRequest>,
         out: mpsc::Sender<Result<SessionResponse, Status>>,
     ) {
-        use session_request::Op;
-        use session_response::Result as Answer;
+        use std::time::Instant;
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_OPS));
         let mut ops = tokio::task::JoinSet::new();
+        let (fail_tx, mut failed) = mpsc::channel::<Status>(1);
         let mut renew = tokio::time::interval(ttl / 3);
         renew.tick().await;
-        loop {
-            let msg = tokio::select! {
-                m = inbound.message() => m,
-                _ = renew.tick() => {
-                    if let Err(status) = self.renew_session(session).await {
-                        let _ = out.send(Err(status)).await;
-                        break;
+        let (mut heard, mut renewed_from) = (Instant::now(), Instant::now());
+        let mut renewing: Option<tokio::task::JoinHandle<()>> = None;
+        let broken = loop {
+            tokio::select! {
+                (permit, msg) = next_message(permits.clone(), &mut inbound) => {
+                    let m = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break false,
+                        Err(_) => break true,
+                    };
+                    heard = Instant::now();
+                    if matches!(m.op, Some(session_request::Op::Ping(_))) {
+                        continue;
                     }
-                    continue;
+                    let (locks, out, fail) = (self.clone(), out.clone(), fail_tx.clone());
+                    ops.spawn(async move {
+                        let _permit = permit;
+                        if let Err(s) = locks.stream_op(session, m, &out).await {
+                            let _ = fail.try_send(s);
+                        }
+                    });
                 }
-                _ = out.closed() => break,
-                Some(_) = ops.join_next(), if !ops.is_empty() => continue,
-            };
-            let Ok(Some(SessionRequest { seq, op })) = msg else {
-                break;
-            };
-            let (locks, out) = (self.clone(), out.clone());
-            ops.spawn(async move {
-                let answer = match op {
-                    Some(Op::Acquire(mut r)) => {
-                        if r.session_id == 0 {
-                            r.session_id = session;
-                        }
-                        if r.session_id != session {
-                            Err(invalid(
-                                "session_id",
-                                "a stream acts for its attached session only",
-                            ))
-                        } else {
-                            match locks.acquire_call(r).await {
-                                Ok((granted, delivery)) => {
-                                    let sent = out
-                                        .send(Ok(SessionResponse {
-                                            seq,
-                                            result: Some(Answer::Acquired(granted)),
-                                        }))
-                                        .await;
-                                    // Handed to the stream: kept (see the
-                                    // Session rpc); not sent: abandoned.
-                                    if sent.is_ok() {
-                                        delivery.disarm();
-                                    }
-                                    return;
-                                }
-                                Err(status) => Err(status),
+                _ = renew.tick() => {
+                    let idle = renewing.as_ref().is_none_or(|t| t.is_finished());
+                    // Only a client heard from since the last renewal is
+                    // renewed: an open but silent stream lets it expire.
+                    if idle && heard > renewed_from {
+                        renewed_from = heard;
+                        let (locks, fail) = (self.clone(), fail_tx.clone());
+                        renewing = Some(tokio::spawn(async move {
+                            if let Err(s) = locks.renew_session_from(session, heard).await {
+                                let _ = fail.try_send(s);
                             }
-                        }
+                        }));
                     }
-                    Some(Op::Release(mut r)) => {
-                        if r.session_id == 0 {
-                            r.session_id = session;
-                        }
-                        if r.session_id != session {
-                            Err(invalid(
-                                "session_id",
-                                "a stream acts for its attached session only",
-                            ))
-                        } else {
-                            locks.release_call(r).await.map(Answer::Released)
-                        }
-                    }
-                    Some(Op::Attach(_)) => {
-                        Err(invalid("attach", "this stream is already attached"))
-                    }
-                    None => Err(invalid("op", "an operation is required")),
-                };
-                let result = answer.unwrap_or_else(|status| Answer::Error(op_error(&status)));
-                let _ = out
-                    .send(Ok(SessionResponse {
-                        seq,
-                        result: Some(result),
-                    }))
-                    .await;
-            });
+                }
+                Some(status) = failed.recv() => {
+                    let _ = out.try_send(Err(status));
+                    break true;
+                }
+                _ = out.closed() => break true,
+                Some(_) = ops.join_next(), if !ops.is_empty() => {}
+            }
+        };
+        if let Some(t) = renewing {
+            t.abort();
         }
-        // Waits still open are withdrawn: their handlers go away.
-        ops.abort_all();
+        if broken {
+            // Waits still open are withdrawn: their handlers go away.
+            ops.abort_all();
+        }
         while ops.join_next().await.is_some() {}
+    }
+
+    /// Runs one stream operation and sends its answer; a NOT_LEADER error
+    /// is returned (it ends the stream: the client re-attaches elsewhere).
+    async fn stream_op(
+        &self,
+        session: u64,
+        m: SessionRequest,
+        out: &mpsc::Sender<Result<SessionResponse, Status>>,
+    ) -> Result<(), Status> {
+        use session_request::Op;
+        use session_response::Result as Answer;
+        let seq = m.seq;
+        let answer = match m.op {
+            Some(Op::Acquire(mut r)) => {
+                if r.session_id == 0 {
+                    r.session_id = session;
+                }
+                if r.session_id != session {
+                    Err(invalid("session_id", "a stream acts for its attached session only"))
+                } else {
+                    match self.acquire_call(r).await {
+                        Ok((granted, delivery)) => {
+                            let sent = out
+                                .send(Ok(SessionResponse {
+                                    seq,
+                                    result: Some(Answer::Acquired(granted)),
+                                }))
+                                .await;
+                            // Handed to the stream: kept (see the Session
+                            // rpc); not handed over: abandoned.
+                            if sent.is_ok() {
+                                delivery.disarm();
+                            }
+                            return Ok(());
+                        }
+                        Err(status) => Err(status),
+                    }
+                }
+            }
+            Some(Op::Release(mut r)) => {
+                if r.session_id == 0 {
+                    r.session_id = session;
+                }
+                if r.session_id != session {
+                    Err(invalid("session_id", "a stream acts for its attached session only"))
+                } else {
+                    self.release_call(r).await.map(Answer::Released)
+                }
+            }
+            Some(Op::Attach(_)) => Err(invalid("attach", "this stream is already attached")),
+            Some(Op::Ping(_)) => return Ok(()),
+            None => Err(invalid("op", "an operation is required")),
+        };
+        let result = match answer {
+            Ok(a) => a,
+            Err(status) if proto::status::reason(&status) == "NOT_LEADER" => return Err(status),
+            Err(status) => Answer::Error(op_error(&status)),
+        };
+        let _ = out
+            .send(Ok(SessionResponse {
+                seq,
+                result: Some(result),
+            }))
+            .await;
+        Ok(())
     }
 
     /// Confirms that this replica leads, with a read index issued now (so
@@ -611,6 +666,18 @@ impl Locks {
             .await
             .map_err(|e| to_status(&e, GROUP))
     }
+}
+
+/// A stream's next message, once one more operation may run.
+async fn next_message(
+    permits: Arc<tokio::sync::Semaphore>,
+    inbound: &mut Streaming<SessionRequest>,
+) -> (
+    tokio::sync::OwnedSemaphorePermit,
+    Result<Option<SessionRequest>, Status>,
+) {
+    let permit = permits.acquire_owned().await.expect("never closed");
+    (permit, inbound.message().await)
 }
 
 /// A status as a session stream's per-operation error.

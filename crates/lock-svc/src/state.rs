@@ -261,10 +261,16 @@ thread_local! {
 
 /// Runs `f` decoding holders in the first compact layout.
 pub fn with_first_layout<T>(f: impl FnOnce() -> T) -> T {
+    /// Clears the flag however `f` ends (a panic included).
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FIRST_LAYOUT.with(|l| l.set(false));
+        }
+    }
     FIRST_LAYOUT.with(|l| l.set(true));
-    let out = f();
-    FIRST_LAYOUT.with(|l| l.set(false));
-    out
+    let _reset = Reset;
+    f()
 }
 
 #[derive(Deserialize)]

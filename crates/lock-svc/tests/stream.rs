@@ -139,3 +139,130 @@ async fn a_closed_stream_withdraws_its_waits() {
     assert!(st.holders.is_empty(), "{st:?}");
     c.stop().await;
 }
+
+/// A raw stream: the attach for `session`, then whatever `rest` holds;
+/// the sender is handed back so the caller decides when to half-close.
+async fn raw_stream(
+    c: &Cluster,
+    leader: u64,
+    session: u64,
+) -> (
+    tokio::sync::mpsc::Sender<proto::lock::v1::SessionRequest>,
+    tonic::Streaming<proto::lock::v1::SessionResponse>,
+) {
+    use proto::lock::v1::*;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(SessionRequest {
+        seq: 1,
+        op: Some(session_request::Op::Attach(AttachSession {
+            session_id: session,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = c
+        .raw(leader)
+        .await
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let attached = inbound.message().await.unwrap().unwrap();
+    assert!(matches!(
+        attached.result,
+        Some(session_response::Result::AttachedTtlMs(_))
+    ));
+    (tx, inbound)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_does_not_keep_its_session_and_a_half_close_drains() {
+    use proto::lock::v1::*;
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    // Open but silent (no ping, no operation): the client may be gone
+    // without the connection noticing; the session expires after its TTL.
+    let quiet = client
+        .open_session_unmanaged(Duration::from_millis(1_200), "quiet")
+        .await
+        .unwrap()
+        .session_id;
+    let (_tx, _inbound) = raw_stream(&c, l, quiet).await;
+    let t0 = Instant::now();
+    loop {
+        let sessions = client.list_sessions().await.unwrap().sessions;
+        if sessions.iter().all(|x| x.session_id != quiet) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "kept alive by silence");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A half-close after an acquire still gets its answer.
+    let me = client
+        .open_session_unmanaged(Duration::from_secs(10), "closer")
+        .await
+        .unwrap()
+        .session_id;
+    let (tx, mut inbound) = raw_stream(&c, l, me).await;
+    tx.send(SessionRequest {
+        seq: 7,
+        op: Some(session_request::Op::Acquire(AcquireRequest {
+            resource: "drained".into(),
+            mode: LockMode::Exclusive as i32,
+            wait_timeout_ms: Some(0),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let answer = inbound.message().await.unwrap().expect("answered");
+    assert_eq!(answer.seq, 7);
+    assert!(
+        matches!(answer.result, Some(session_response::Result::Acquired(_))),
+        "{answer:?}"
+    );
+    assert!(inbound.message().await.unwrap().is_none(), "then the stream ends");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_nobody_waits_for_any_more_is_released() {
+    let c = Cluster::start().await;
+    c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let holder = client
+        .open_session(Duration::from_secs(10), "holder")
+        .await
+        .unwrap();
+    let g = holder.acquire("x", LockMode::Exclusive, None).await.unwrap();
+    let me = client
+        .open_session(Duration::from_secs(10), "impatient")
+        .await
+        .unwrap();
+    let s = client.stream(me.id()).await.unwrap();
+    // The caller gives up on the acquire; its wait stays queued …
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        s.acquire("x", LockMode::Exclusive, Some(Duration::from_secs(30))),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    assert_eq!(client.status("x").await.unwrap().waiters.len(), 1);
+    // … and when it is granted, the stream releases the grant.
+    g.release().await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let st = client.status("x").await.unwrap();
+        if st.holders.is_empty() && st.waiters.is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "orphaned grant kept: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    c.stop().await;
+}
