@@ -553,7 +553,10 @@ impl LockClient {
                                     lock_id: a.lock_id,
                                     resource: String::new(),
                                 });
-                                let _ = tx.try_send(SessionRequest { seq: 0, op: Some(op) });
+                                let _ = tx.try_send(SessionRequest {
+                                    seq: 0,
+                                    op: Some(op),
+                                });
                             }
                         }
                         Ok(None) => break Status::unavailable("the session stream ended"),
@@ -571,7 +574,14 @@ impl LockClient {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
                     let ping = session_request::Op::Ping(Ping {});
-                    if tx.send(SessionRequest { seq: 0, op: Some(ping) }).await.is_err() {
+                    if tx
+                        .send(SessionRequest {
+                            seq: 0,
+                            op: Some(ping),
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -552,7 +552,10 @@ impl Locks {
                     r.session_id = session;
                 }
                 if r.session_id != session {
-                    Err(invalid("session_id", "a stream acts for its attached session only"))
+                    Err(invalid(
+                        "session_id",
+                        "a stream acts for its attached session only",
+                    ))
                 } else {
                     match self.acquire_call(r).await {
                         Ok((granted, delivery)) => {
@@ -578,7 +581,10 @@ impl Locks {
                     r.session_id = session;
                 }
                 if r.session_id != session {
-                    Err(invalid("session_id", "a stream acts for its attached session only"))
+                    Err(invalid(
+                        "session_id",
+                        "a stream acts for its attached session only",
+                    ))
                 } else {
                     self.release_call(r).await.map(Answer::Released)
                 }

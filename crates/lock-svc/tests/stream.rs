@@ -196,7 +196,10 @@ async fn a_silent_stream_does_not_keep_its_session_and_a_half_close_drains() {
         if sessions.iter().all(|x| x.session_id != quiet) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "kept alive by silence");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "kept alive by silence"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A half-close after an acquire still gets its answer.
@@ -224,7 +227,10 @@ async fn a_silent_stream_does_not_keep_its_session_and_a_half_close_drains() {
         matches!(answer.result, Some(session_response::Result::Acquired(_))),
         "{answer:?}"
     );
-    assert!(inbound.message().await.unwrap().is_none(), "then the stream ends");
+    assert!(
+        inbound.message().await.unwrap().is_none(),
+        "then the stream ends"
+    );
     c.stop().await;
 }
 
@@ -238,7 +244,10 @@ async fn a_grant_nobody_waits_for_any_more_is_released() {
         .open_session(Duration::from_secs(10), "holder")
         .await
         .unwrap();
-    let g = holder.acquire("x", LockMode::Exclusive, None).await.unwrap();
+    let g = holder
+        .acquire("x", LockMode::Exclusive, None)
+        .await
+        .unwrap();
     let me = client
         .open_session(Duration::from_secs(10), "impatient")
         .await
@@ -260,7 +269,10 @@ async fn a_grant_nobody_waits_for_any_more_is_released() {
         if st.holders.is_empty() && st.waiters.is_empty() {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "orphaned grant kept: {st:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "orphaned grant kept: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(s);
