@@ -43,6 +43,12 @@ pub fn replica_failed(err: &Status) -> bool {
     }
 }
 
+/// The longest pause between retries of a call. Elections take 150–300
+/// ms: a client polling at most this far apart finds the new leader
+/// within this much of its election (a replica answers NO_LEADER at once,
+/// so the polling costs little).
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
 /// How a [`Conn`] retries.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -218,7 +224,7 @@ impl Conn {
             self.follow(&addr, hint);
             if !followed {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -264,7 +270,7 @@ impl Conn {
                     // Move the shared rotation on, off this replica.
                     self.follow(&addr, None);
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
