@@ -528,11 +528,22 @@ impl Locks {
         if let Some(t) = renewing {
             t.abort();
         }
-        if broken {
-            // Waits still open are withdrawn: their handlers go away.
+        // A broken stream withdraws the waits still open (their handlers
+        // go away); after a half-close they run on while the client still
+        // reads the answers, and are withdrawn if it stops (cancels).
+        let mut aborted = broken;
+        if aborted {
             ops.abort_all();
         }
-        while ops.join_next().await.is_some() {}
+        loop {
+            tokio::select! {
+                done = ops.join_next() => if done.is_none() { break },
+                _ = out.closed(), if !aborted => {
+                    aborted = true;
+                    ops.abort_all();
+                }
+            }
+        }
     }
 
     /// Runs one stream operation and sends its answer; a NOT_LEADER error

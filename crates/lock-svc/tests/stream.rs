@@ -278,3 +278,54 @@ async fn a_grant_nobody_waits_for_any_more_is_released() {
     drop(s);
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_stream_keeps_its_waits_until_it_stops_reading() {
+    use proto::lock::v1::*;
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let holder = client
+        .open_session(Duration::from_secs(10), "holder")
+        .await
+        .unwrap();
+    let g = holder
+        .acquire("busy", dsync_client::LockMode::Exclusive, None)
+        .await
+        .unwrap();
+    let me = client
+        .open_session(Duration::from_secs(10), "half-closer")
+        .await
+        .unwrap();
+    let (tx, inbound) = raw_stream(&c, l, me.id()).await;
+    tx.send(SessionRequest {
+        seq: 2,
+        op: Some(session_request::Op::Acquire(AcquireRequest {
+            resource: "busy".into(),
+            mode: LockMode::Exclusive as i32,
+            wait_timeout_ms: Some(30_000),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    // Half-closed but still read: the wait stays.
+    let t0 = Instant::now();
+    while client.status("busy").await.unwrap().waiters.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.status("busy").await.unwrap().waiters.len(), 1);
+    // The client stops reading (cancels the call): the wait goes.
+    drop(inbound);
+    let t0 = Instant::now();
+    while !client.status("busy").await.unwrap().waiters.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "wait not withdrawn");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    g.release().await.unwrap();
+    c.stop().await;
+}
