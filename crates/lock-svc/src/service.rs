@@ -559,14 +559,8 @@ impl Locks {
         let seq = m.seq;
         let answer = match m.op {
             Some(Op::Acquire(mut r)) => {
-                if r.session_id == 0 {
-                    r.session_id = session;
-                }
-                if r.session_id != session {
-                    Err(invalid(
-                        "session_id",
-                        "a stream acts for its attached session only",
-                    ))
+                if let Err(e) = stream_session(&mut r.session_id, session) {
+                    Err(e)
                 } else {
                     match self.acquire_call(r).await {
                         Ok((granted, delivery)) => {
@@ -587,19 +581,10 @@ impl Locks {
                     }
                 }
             }
-            Some(Op::Release(mut r)) => {
-                if r.session_id == 0 {
-                    r.session_id = session;
-                }
-                if r.session_id != session {
-                    Err(invalid(
-                        "session_id",
-                        "a stream acts for its attached session only",
-                    ))
-                } else {
-                    self.release_call(r).await.map(Answer::Released)
-                }
-            }
+            Some(Op::Release(mut r)) => match stream_session(&mut r.session_id, session) {
+                Err(e) => Err(e),
+                Ok(()) => self.release_call(r).await.map(Answer::Released),
+            },
             Some(Op::Attach(_)) => Err(invalid("attach", "this stream is already attached")),
             Some(Op::Ping(_)) => return Ok(()),
             None => Err(invalid("op", "an operation is required")),
@@ -683,6 +668,21 @@ impl Locks {
             .await
             .map_err(|e| to_status(&e, GROUP))
     }
+}
+
+/// An operation's session on a stream: the attached one (0 = it), never
+/// another.
+fn stream_session(id: &mut u64, attached: u64) -> Result<(), Status> {
+    if *id == 0 {
+        *id = attached;
+    }
+    if *id != attached {
+        return Err(invalid(
+            "session_id",
+            "a stream acts for its attached session only",
+        ));
+    }
+    Ok(())
 }
 
 /// A stream's next message, once one more operation may run.

@@ -154,7 +154,7 @@ impl Session {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub lock_id: u64,
     pub session: u64,
@@ -167,6 +167,7 @@ pub struct Holder {
     pub call: u64,
     /// The request id that acquired it (0: none); [`UNKNOWN_REQUEST`] in
     /// snapshots of builds that did not record it.
+    #[serde(default = "unknown_request")]
     pub request_id: u64,
 }
 
@@ -273,6 +274,7 @@ pub fn with_first_layout<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// A holder as the first compact layout wrote it (no `request_id`).
 #[derive(Deserialize)]
 struct HolderFirstLayout {
     lock_id: u64,
@@ -282,47 +284,6 @@ struct HolderFirstLayout {
     since_ms: u64,
     #[serde(default)]
     call: u64,
-}
-
-#[derive(Deserialize)]
-struct HolderLayout {
-    lock_id: u64,
-    session: u64,
-    mode: Mode,
-    token: u64,
-    since_ms: u64,
-    #[serde(default)]
-    call: u64,
-    #[serde(default = "unknown_request")]
-    request_id: u64,
-}
-
-impl<'de> Deserialize<'de> for Holder {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let h = if FIRST_LAYOUT.with(|l| l.get()) {
-            let h = HolderFirstLayout::deserialize(d)?;
-            HolderLayout {
-                lock_id: h.lock_id,
-                session: h.session,
-                mode: h.mode,
-                token: h.token,
-                since_ms: h.since_ms,
-                call: h.call,
-                request_id: UNKNOWN_REQUEST,
-            }
-        } else {
-            HolderLayout::deserialize(d)?
-        };
-        Ok(Holder {
-            lock_id: h.lock_id,
-            session: h.session,
-            mode: h.mode,
-            token: h.token,
-            since_ms: h.since_ms,
-            call: h.call,
-            request_id: h.request_id,
-        })
-    }
 }
 
 /// A resource's holders by lock id. Usually one, so a vector sorted by
@@ -381,8 +342,24 @@ impl Serialize for Holders {
 
 impl<'de> Deserialize<'de> for Holders {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = BTreeMap::<u64, Holder>::deserialize(d)?;
-        Ok(Holders(map.into_values().collect()))
+        if !FIRST_LAYOUT.with(|l| l.get()) {
+            let map = BTreeMap::<u64, Holder>::deserialize(d)?;
+            return Ok(Holders(map.into_values().collect()));
+        }
+        let map = BTreeMap::<u64, HolderFirstLayout>::deserialize(d)?;
+        Ok(Holders(
+            map.into_values()
+                .map(|h| Holder {
+                    lock_id: h.lock_id,
+                    session: h.session,
+                    mode: h.mode,
+                    token: h.token,
+                    since_ms: h.since_ms,
+                    call: h.call,
+                    request_id: UNKNOWN_REQUEST,
+                })
+                .collect(),
+        ))
     }
 }
 

@@ -94,18 +94,7 @@ async fn a_closed_stream_withdraws_its_waits() {
     c.leader().await;
     c.leases_on().await;
     let client = c.client();
-    let holder = client
-        .open_session(Duration::from_secs(10), "holder")
-        .await
-        .unwrap();
-    let g = holder
-        .acquire("busy", LockMode::Exclusive, None)
-        .await
-        .unwrap();
-    let me = client
-        .open_session(Duration::from_secs(10), "waiter")
-        .await
-        .unwrap();
+    let (_holder, g, me) = contended(&client, "busy", "waiter").await;
     let s = std::sync::Arc::new(client.stream(me.id()).await.unwrap());
     let waiting = {
         let s = s.clone();
@@ -138,6 +127,32 @@ async fn a_closed_stream_withdraws_its_waits() {
     let st = client.status("busy").await.unwrap();
     assert!(st.holders.is_empty(), "{st:?}");
     c.stop().await;
+}
+
+/// Another session holding `resource` exclusively (with its guard), and
+/// a session `name` for the test to contend with it.
+async fn contended(
+    client: &dsync_client::LockClient,
+    resource: &str,
+    name: &str,
+) -> (
+    dsync_client::Session,
+    dsync_client::LockGuard,
+    dsync_client::Session,
+) {
+    let holder = client
+        .open_session(Duration::from_secs(10), "holder")
+        .await
+        .unwrap();
+    let g = holder
+        .acquire(resource, LockMode::Exclusive, None)
+        .await
+        .unwrap();
+    let me = client
+        .open_session(Duration::from_secs(10), name)
+        .await
+        .unwrap();
+    (holder, g, me)
 }
 
 /// A raw stream: the attach for `session`, then whatever `rest` holds;
@@ -240,18 +255,7 @@ async fn a_grant_nobody_waits_for_any_more_is_released() {
     c.leader().await;
     c.leases_on().await;
     let client = c.client();
-    let holder = client
-        .open_session(Duration::from_secs(10), "holder")
-        .await
-        .unwrap();
-    let g = holder
-        .acquire("x", LockMode::Exclusive, None)
-        .await
-        .unwrap();
-    let me = client
-        .open_session(Duration::from_secs(10), "impatient")
-        .await
-        .unwrap();
+    let (_holder, g, me) = contended(&client, "x", "impatient").await;
     let s = client.stream(me.id()).await.unwrap();
     // The caller gives up on the acquire; its wait stays queued …
     let gave_up = tokio::time::timeout(
@@ -286,18 +290,7 @@ async fn a_half_closed_stream_keeps_its_waits_until_it_stops_reading() {
     let l = c.leader().await;
     c.leases_on().await;
     let client = c.client();
-    let holder = client
-        .open_session(Duration::from_secs(10), "holder")
-        .await
-        .unwrap();
-    let g = holder
-        .acquire("busy", dsync_client::LockMode::Exclusive, None)
-        .await
-        .unwrap();
-    let me = client
-        .open_session(Duration::from_secs(10), "half-closer")
-        .await
-        .unwrap();
+    let (_holder, g, me) = contended(&client, "busy", "half-closer").await;
     let (tx, inbound) = raw_stream(&c, l, me.id()).await;
     tx.send(SessionRequest {
         seq: 2,

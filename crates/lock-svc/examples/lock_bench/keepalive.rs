@@ -11,7 +11,7 @@ use proto::admin::v1::admin_client::AdminClient;
 use proto::admin::v1::StatusRequest;
 use proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
-use proto::etcd::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest};
+use proto::etcd::etcdserverpb::LeaseKeepAliveRequest;
 use tokio::sync::mpsc;
 
 /// CPU time (user + system) a process has used so far.
@@ -83,6 +83,18 @@ impl Sample {
                 .collect(),
         }
     }
+}
+
+/// Waits for tasks that each answer (keep-alives answered, errors) and
+/// adds them up.
+async fn sum(tasks: Vec<tokio::task::JoinHandle<(u64, u64)>>) -> (u64, u64) {
+    let (mut ok, mut errors) = (0, 0);
+    for t in tasks {
+        let (o, e) = t.await.unwrap();
+        ok += o;
+        errors += e;
+    }
+    (ok, errors)
 }
 
 /// The highest commit index any replica reports for the lock group.
@@ -162,13 +174,7 @@ pub async fn dsync(
                     })
                 })
                 .collect();
-            let (mut ok, mut errors) = (0, 0);
-            for t in tasks {
-                let (o, e) = t.await.unwrap();
-                ok += o;
-                errors += e;
-            }
-            return (ok, errors);
+            return sum(tasks).await;
         }
         let tasks: Vec<_> = ids
             .iter()
@@ -191,13 +197,7 @@ pub async fn dsync(
                 })
             })
             .collect();
-        let (mut ok, mut errors) = (0, 0);
-        for t in tasks {
-            let (o, e) = t.await.unwrap();
-            ok += o;
-            errors += e;
-        }
-        (ok, errors)
+        sum(tasks).await
     };
     let start = Sample::take(pids, dsync_index(endpoints).await);
     let (ok, errors) = run.await;
@@ -247,18 +247,13 @@ pub async fn etcd(
             .iter()
             .map(|i| {
                 let ch = chans[i % chans.len()].clone();
-                tokio::spawn(async move {
-                    LeaseClient::new(ch)
-                        .lease_grant(LeaseGrantRequest {
-                            ttl: ttl.as_secs().max(1) as i64,
-                            id: 0,
-                        })
-                        .await
-                })
+                tokio::spawn(
+                    async move { super::etcd_lease(&ch, ttl.as_secs().max(1) as i64).await },
+                )
             })
             .collect();
         for g in grants {
-            ids.push(g.await.unwrap().unwrap().into_inner().id);
+            ids.push(g.await.unwrap());
         }
     }
     let run = async {
@@ -315,13 +310,7 @@ pub async fn etcd(
         for t in tasks {
             let _ = t.await;
         }
-        let (mut ok, mut errors) = (0, 0);
-        for r in readers {
-            let (o, e) = r.await.unwrap();
-            ok += o;
-            errors += e;
-        }
-        (ok, errors)
+        sum(readers).await
     };
     let start = Sample::take(pids, etcd_index(chans).await);
     let (ok, errors) = run.await;

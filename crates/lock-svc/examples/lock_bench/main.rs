@@ -184,12 +184,7 @@ async fn etcd_hold(chans: &[tonic::transport::Channel], held: usize) -> (f64, f6
         .map(|i| {
             let ch = chans[i % chans.len()].clone();
             tokio::spawn(async move {
-                let lease = LeaseClient::new(ch.clone())
-                    .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .id;
+                let lease = etcd_lease(&ch, 600).await;
                 let mut locks = EtcdLockClient::new(ch);
                 let mut max = Duration::ZERO;
                 for k in (i..held).step_by(64) {
@@ -300,6 +295,16 @@ async fn start_etcd(dir: &std::path::Path) -> (Procs, Vec<String>) {
     (procs, endpoints)
 }
 
+/// A new etcd lease of `ttl` seconds.
+async fn etcd_lease(ch: &tonic::transport::Channel, ttl: i64) -> i64 {
+    LeaseClient::new(ch.clone())
+        .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
 async fn etcd_channel(addr: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -316,12 +321,7 @@ async fn etcd_row(chans: &[tonic::transport::Channel], n: usize, hot: bool, seco
         .map(|i| {
             let ch = chans[i % chans.len()].clone();
             tokio::spawn(async move {
-                let lease = LeaseClient::new(ch.clone())
-                    .lease_grant(LeaseGrantRequest { ttl: 30, id: 0 })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .id;
+                let lease = etcd_lease(&ch, 30).await;
                 let mut locks = EtcdLockClient::new(ch);
                 let (mut h, mut errors, mut k) = (hist(), 0u64, 0u64);
                 while Instant::now() < end {
