@@ -70,6 +70,7 @@ impl LockServer {
             locks.clone(),
             cfg.tick_interval,
             replica.node().transport().clone(),
+            cfg.replica.features.contains(&crate::lessor::FEATURE),
             replica.closed(),
         ));
         Ok(Self {
@@ -106,10 +107,13 @@ impl LockServer {
 /// does not lead keeps no leases. Until leases are enabled (every member
 /// runs a build with them: [`enable_leases`]) it ticks as earlier builds
 /// did. Also publishes the lock table's gauges (on every replica).
+/// `leases_built`: this replica reports the feature itself; one that does
+/// not (it stands for an older build) never proposes `EnableLeases`.
 async fn tick_loop(
     locks: Locks,
     interval: Duration,
     transport: Arc<dyn consensus::Transport>,
+    leases_built: bool,
     mut closed: watch::Receiver<bool>,
 ) {
     let mut ticked_term = 0;
@@ -140,7 +144,7 @@ async fn tick_loop(
                     Err(e) => tracing::debug!(error = %e, "tick not committed"),
                 }
             }
-            if last_gate.elapsed() >= Duration::from_secs(1) {
+            if leases_built && last_gate.elapsed() >= Duration::from_secs(1) {
                 last_gate = std::time::Instant::now();
                 enable_leases(&locks, &st, transport.as_ref()).await;
             }

@@ -318,6 +318,24 @@ async fn leases_stay_off_until_every_member_runs_a_build_with_them() {
     let r = client.keep_alive_many(&[s.session_id, 5]).await.unwrap();
     let reasons: Vec<&str> = r.results.iter().map(|x| x.reason.as_str()).collect();
     assert_eq!(reasons, ["", "SESSION_NOT_FOUND"]);
+    // Led by the replica on the old build (which has no gate), the cluster
+    // still keeps leases off.
+    if l != 3 {
+        c.servers[&l].locks.group.transfer_leader(3).await.unwrap();
+    }
+    let t0 = Instant::now();
+    while c.leader().await != 3 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no transfer to 3");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..8 {
+        client.keep_alive(s.session_id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(c
+        .servers
+        .values()
+        .all(|x| !x.locks.state.read().leases_in_memory));
     // Replica 3 is upgraded: leases go on, the session survives the switch.
     c.kill(3).await;
     c.without_leases.clear();
