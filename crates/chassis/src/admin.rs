@@ -24,7 +24,14 @@ pub struct AdminService {
     pub node: Node,
     pub advertise: String,
     pub features: Vec<&'static str>,
+    /// Turns true when the replica stops: ends `WatchLeader` streams, which
+    /// would otherwise hold a graceful shutdown open.
+    pub closed: tokio::sync::watch::Receiver<bool>,
 }
+
+/// The stream `WatchLeader` answers with.
+pub type LeaderStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchLeaderResponse, Status>> + Send>>;
 
 /// True when every group has this node as a member and knows a leader.
 pub fn healthy(node: &Node) -> bool {
@@ -96,6 +103,57 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type WatchLeaderStream = LeaderStream;
+
+    async fn watch_leader(
+        &self,
+        req: Request<WatchLeaderRequest>,
+    ) -> Result<Response<LeaderStream>, Status> {
+        let group = match req.into_inner().group_id {
+            0 => self.first()?.group,
+            g => g,
+        };
+        let h = self
+            .node
+            .group(group)
+            .ok_or_else(|| Status::not_found(format!("no Raft group {group} on this replica")))?;
+        let transport = self.node.transport().clone();
+        let (me, advertise) = (self.node.id(), self.advertise.clone());
+        let hint = move |v: consensus::LeaderView| WatchLeaderResponse {
+            node_id: me,
+            leader: Some(proto::common::v1::LeaderHint {
+                leader_id: v.leader.unwrap_or(0),
+                leader_addr: match v.leader {
+                    Some(l) if l == me => advertise.clone(),
+                    Some(l) => transport.peer_addr(l).unwrap_or_default(),
+                    None => String::new(),
+                },
+                group_id: group,
+                term: v.term,
+            }),
+        };
+        let state = Some((h.watch_leader(), self.closed.clone(), true));
+        let events = futures::stream::unfold(state, move |state| {
+            let hint = hint.clone();
+            async move {
+                let (mut rx, mut closed, first) = state?;
+                if !first {
+                    let stopped = tokio::select! {
+                        changed = rx.changed() => changed.is_err(),
+                        _ = closed.wait_for(|c| *c) => true,
+                    };
+                    if stopped {
+                        let end = Status::unavailable("the replica stopped: watch another one");
+                        return Some((Err(end), None));
+                    }
+                }
+                let view = *rx.borrow_and_update();
+                Some((Ok(hint(view)), Some((rx, closed, false))))
+            }
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let all = self.node.status();
         let members = all.first().map(|s| self.members(s)).unwrap_or_default();

@@ -107,6 +107,7 @@ impl Replica {
             node: self.node.clone(),
             advertise: self.cfg.advertise.clone(),
             features: self.cfg.features.clone(),
+            closed: self.closed.clone(),
         });
         let routes = routes
             .add_service(raft.into_server())

@@ -10,9 +10,9 @@ pub mod lock;
 pub mod queue;
 pub mod routing;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -57,6 +57,13 @@ pub struct Options {
     pub retry_for: Duration,
     /// Per-attempt timeout of calls that do not wait for a lock.
     pub request_timeout: Duration,
+    /// Keep an admin `WatchLeader` stream open to every replica, and move a
+    /// call in flight to a newly elected leader the moment any replica
+    /// reports one (rather than when the call's own connection to a dead or
+    /// cut-off leader times out). For services with one Raft group
+    /// (lock-svc: [`LockClient::connect`] turns it on); every call made
+    /// through [`Conn::call`] must then be safe to repeat.
+    pub watch_leader: bool,
 }
 
 impl Default for Options {
@@ -65,6 +72,7 @@ impl Default for Options {
             connect_timeout: Duration::from_millis(500),
             retry_for: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            watch_leader: false,
         }
     }
 }
@@ -78,6 +86,10 @@ pub struct Conn {
 struct Inner {
     opts: Options,
     state: Mutex<State>,
+    /// The newest leader the watches reported: (term, address).
+    moved: tokio::sync::watch::Sender<(u64, String)>,
+    /// Dropped with the last clone of the `Conn`: ends its watches.
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 struct State {
@@ -85,6 +97,12 @@ struct State {
     leader: Option<String>,
     next: usize,
     channels: HashMap<String, Channel>,
+    /// Endpoints with a leader watch running.
+    watched: HashSet<String>,
+    /// Node id → the endpoint this client reaches it at, as the watches
+    /// learned them (a leader is called where this client dialed it, not
+    /// at the address the replicas know it by).
+    nodes: HashMap<u64, String>,
 }
 
 impl Conn {
@@ -105,7 +123,11 @@ impl Conn {
                     leader: None,
                     next: 0,
                     channels: HashMap::new(),
+                    watched: HashSet::new(),
+                    nodes: HashMap::new(),
                 }),
+                moved: tokio::sync::watch::channel((0, String::new())).0,
+                alive: tokio::sync::watch::channel(()).0,
             }),
         })
     }
@@ -170,6 +192,8 @@ impl Conn {
                     s.endpoints.push(h.clone());
                 }
                 s.leader = Some(h);
+                drop(s);
+                self.watch();
             }
             None => {
                 // Re-resolve next time: a restarted replica may have moved.
@@ -199,20 +223,27 @@ impl Conn {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        self.watch();
         let deadline = Instant::now() + self.inner.opts.retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
             let addr = self.current();
             let attempt = match self.channel(&addr).await {
-                Ok(ch) => f(ch).await,
-                Err(e) => Err(e),
+                Ok(ch) => self.unless_moved(&addr, f(ch)).await,
+                Err(e) => Err(Some(e)),
             };
             let err = match attempt {
                 Ok(v) => {
                     self.inner.state.lock().leader = Some(addr);
                     return Ok(v);
                 }
-                Err(e) => e,
+                Err(None) if Instant::now() < deadline => continue,
+                Err(None) => {
+                    return Err(Status::unavailable(format!(
+                        "{addr} stopped leading and no retry is left"
+                    )))
+                }
+                Err(Some(e)) => e,
             };
             if !replica_failed(&err) || Instant::now() >= deadline {
                 return Err(err);
@@ -227,6 +258,82 @@ impl Conn {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+
+    /// `attempt` on `addr`, abandoned (`Err(None)`) when a watch reports a
+    /// newer leader elsewhere meanwhile: the caller retries there at once.
+    async fn unless_moved<T>(
+        &self,
+        addr: &str,
+        attempt: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Option<Status>> {
+        if !self.inner.opts.watch_leader {
+            return attempt.await.map_err(Some);
+        }
+        let mut moved = self.inner.moved.subscribe();
+        moved.mark_unchanged();
+        let elsewhere = async {
+            while moved.changed().await.is_ok() {
+                if moved.borrow_and_update().1 != addr {
+                    return;
+                }
+            }
+            std::future::pending().await
+        };
+        tokio::select! {
+            r = attempt => r.map_err(Some),
+            _ = elsewhere => {
+                tracing::debug!(from = addr, "a newer leader was elected: call moved");
+                Err(None)
+            }
+        }
+    }
+
+    /// Starts a leader watch on every known endpoint not watched yet (when
+    /// [`Options::watch_leader`] is on).
+    fn watch(&self) {
+        if !self.inner.opts.watch_leader {
+            return;
+        }
+        let mut s = self.inner.state.lock();
+        let new: Vec<String> = s
+            .endpoints
+            .iter()
+            .filter(|e| !s.watched.contains(*e))
+            .cloned()
+            .collect();
+        for e in new {
+            s.watched.insert(e.clone());
+            tokio::spawn(watch_leader(
+                Arc::downgrade(&self.inner),
+                self.inner.alive.subscribe(),
+                e,
+            ));
+        }
+    }
+
+    /// What the watch on `endpoint` (node `node`) reported: a leader of a
+    /// newer term than any seen becomes where calls go.
+    fn learn(&self, endpoint: &str, node: u64, hint: proto::common::v1::LeaderHint) {
+        let mut s = self.inner.state.lock();
+        if node != 0 {
+            s.nodes.insert(node, endpoint.to_owned());
+        }
+        if hint.leader_id == 0 || hint.term <= self.inner.moved.borrow().0 {
+            return;
+        }
+        let addr = match s.nodes.get(&hint.leader_id) {
+            Some(a) => a.clone(),
+            None if !hint.leader_addr.is_empty() => hint.leader_addr,
+            None => return,
+        };
+        if !s.endpoints.contains(&addr) {
+            s.endpoints.push(addr.clone());
+        }
+        s.leader = Some(addr.clone());
+        drop(s);
+        self.inner.moved.send_replace((hint.term, addr));
+        self.watch();
     }
 
     /// Like [`Conn::call`], but for one of many groups with leaders of
@@ -279,5 +386,50 @@ impl Conn {
     /// Every endpoint known (given, or learned from hints).
     pub fn endpoints(&self) -> Vec<String> {
         self.inner.state.lock().endpoints.clone()
+    }
+}
+
+/// Keeps an admin `WatchLeader` stream open to `endpoint` while the `Conn`
+/// lives, reporting what it says to [`Conn::learn`]; reopens it after a
+/// failure (a replica down, restarting, or of a build without it).
+async fn watch_leader(
+    inner: Weak<Inner>,
+    mut alive: tokio::sync::watch::Receiver<()>,
+    endpoint: String,
+) {
+    use proto::admin::v1::admin_client::AdminClient;
+    let follow = |inner: Weak<Inner>, endpoint: String| async move {
+        let conn = Conn {
+            inner: inner.upgrade().ok_or_else(|| Status::cancelled("closed"))?,
+        };
+        let ch = conn.channel(&endpoint).await?;
+        drop(conn);
+        let req = proto::admin::v1::WatchLeaderRequest { group_id: 0 };
+        let mut events = AdminClient::new(ch).watch_leader(req).await?.into_inner();
+        while let Some(ev) = events.message().await? {
+            let Some(inner) = inner.upgrade() else {
+                break;
+            };
+            if let Some(hint) = ev.leader {
+                Conn { inner }.learn(&endpoint, ev.node_id, hint);
+            }
+        }
+        Ok::<(), Status>(())
+    };
+    loop {
+        let ended = tokio::select! {
+            r = follow(inner.clone(), endpoint.clone()) => r,
+            _ = alive.changed() => return,
+        };
+        // A build without the watch will not grow one soon; otherwise the
+        // replica is down or restarting: look again shortly.
+        let pause = match ended {
+            Err(e) if e.code() == Code::Unimplemented => Duration::from_secs(30),
+            _ => Duration::from_millis(200),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = alive.changed() => return,
+        }
     }
 }

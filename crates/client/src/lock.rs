@@ -39,8 +39,14 @@ fn req<T>(msg: T, timeout: Duration) -> Request<T> {
 }
 
 impl LockClient {
+    /// A client with the default [`Options`], watching the leader
+    /// ([`Options::watch_leader`]): every lock call is safe to repeat.
     pub fn connect(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Result<Self, Status> {
-        Self::with_options(endpoints, Options::default())
+        let opts = Options {
+            watch_leader: true,
+            ..Options::default()
+        };
+        Self::with_options(endpoints, opts)
     }
 
     pub fn with_options(

@@ -55,7 +55,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::snapfile::{self, SnapDir};
 use crate::state_machine::StateMachine;
-use crate::status::GroupStatus;
+use crate::status::{GroupStatus, LeaderView};
 use crate::storage::{GroupStorage, WriteSet};
 use crate::transport::Transport;
 
@@ -122,6 +122,8 @@ pub(crate) struct Driver {
     /// The sending side of our own inbox, for background snapshot jobs.
     to_self: Sender<Request>,
     status: Arc<Mutex<GroupStatus>>,
+    /// The term and leader, published when either changes.
+    leader_view: tokio::sync::watch::Sender<LeaderView>,
     snaps: SnapDir,
     /// Index of the snapshot being written in the background, if any.
     snapshot_in_progress: Option<u64>,
@@ -177,6 +179,7 @@ impl Driver {
         to_self: Sender<Request>,
         inbox: Receiver<Request>,
         status: Arc<Mutex<GroupStatus>>,
+        leader_view: tokio::sync::watch::Sender<LeaderView>,
         snaps: SnapDir,
     ) -> Self {
         let meta = storage.snapshot_metadata();
@@ -191,6 +194,7 @@ impl Driver {
             inbox,
             to_self,
             status,
+            leader_view,
             snaps,
             snapshot_in_progress: None,
             led: false,
@@ -836,6 +840,16 @@ impl Driver {
         s.snapshots_installed = self.snapshots_installed;
         s.proposals = self.proposals;
         s.running = true;
+        drop(s);
+        let view = LeaderView {
+            term: raft.term,
+            leader,
+        };
+        self.leader_view.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
     }
 }
 
@@ -863,6 +877,7 @@ pub struct GroupHandle {
     pub(crate) group: u64,
     pub(crate) inbox: Sender<Request>,
     pub(crate) status: Arc<Mutex<GroupStatus>>,
+    pub(crate) leader_view: tokio::sync::watch::Receiver<LeaderView>,
     pub(crate) cfg: Arc<Config>,
 }
 
@@ -1001,6 +1016,13 @@ impl GroupHandle {
 
     pub fn status(&self) -> GroupStatus {
         self.status.lock().clone()
+    }
+
+    /// The term and leader as this node sees them, marked changed each
+    /// time either changes (a follower learns of a new leader with the
+    /// first message it gets from it). Closed when the group stops.
+    pub fn watch_leader(&self) -> tokio::sync::watch::Receiver<LeaderView> {
+        self.leader_view.clone()
     }
 
     pub(crate) fn step(&self, msg: Message) {

@@ -39,5 +39,5 @@ pub use error::{Error, Result};
 pub use group::GroupHandle;
 pub use node::Node;
 pub use state_machine::{SnapshotJob, StateMachine};
-pub use status::{GroupStatus, Role};
+pub use status::{GroupStatus, LeaderView, Role};
 pub use transport::{GrpcTransport, Inbound, RaftTransportService, Transport};

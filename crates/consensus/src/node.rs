@@ -22,7 +22,7 @@ use crate::group::{Driver, GroupHandle};
 use crate::logger::raft_logger;
 use crate::snapfile::{self, SnapDir};
 use crate::state_machine::StateMachine;
-use crate::status::GroupStatus;
+use crate::status::{GroupStatus, LeaderView};
 use crate::storage::LogStore;
 use crate::transport::{Inbound, Transport};
 
@@ -160,6 +160,7 @@ impl Node {
             running: true,
             ..Default::default()
         }));
+        let (leader_tx, leader_view) = tokio::sync::watch::channel(LeaderView::default());
         let driver = Driver::new(
             group,
             cfg.clone(),
@@ -170,6 +171,7 @@ impl Node {
             tx.clone(),
             rx,
             status.clone(),
+            leader_tx,
             self.inner.snaps.clone(),
         );
         let thread = std::thread::Builder::new()
@@ -179,6 +181,7 @@ impl Node {
             group,
             inbox: tx,
             status,
+            leader_view,
             cfg,
         };
         groups.insert(group, handle.clone());

@@ -21,6 +21,16 @@ impl From<raft::StateRole> for Role {
     }
 }
 
+/// Who leads a group as one node sees it: what
+/// [`GroupHandle::watch_leader`](crate::GroupHandle::watch_leader)
+/// publishes each time it changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaderView {
+    pub term: u64,
+    /// None while this node knows no leader (an election is on).
+    pub leader: Option<u64>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupStatus {
     pub group: u64,

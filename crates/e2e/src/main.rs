@@ -82,6 +82,14 @@ fn opts() -> Options {
     }
 }
 
+/// Lock clients also follow the leader through watches on every replica.
+fn lock_opts() -> Options {
+    Options {
+        watch_leader: true,
+        ..opts()
+    }
+}
+
 /// Prints `name=t1,t2,…`: how the orchestrator reads timestamps back.
 fn print_times(name: &str, times: &[u64]) {
     let list: Vec<String> = times.iter().map(u64::to_string).collect();
@@ -119,7 +127,8 @@ async fn load(
     workers: usize,
     markers: usize,
 ) -> Result<bool, String> {
-    let client = LockClient::with_options(endpoints.clone(), opts()).map_err(|e| e.to_string())?;
+    let client =
+        LockClient::with_options(endpoints.clone(), lock_opts()).map_err(|e| e.to_string())?;
     // Wait for the cluster (the orchestrator starts us right after it).
     let deadline = Instant::now() + Duration::from_secs(60);
     let marker_session = loop {
@@ -152,7 +161,7 @@ async fn load(
     let end = Instant::now() + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
-            let c = LockClient::with_options(endpoints.clone(), opts()).expect("endpoints");
+            let c = LockClient::with_options(endpoints.clone(), lock_opts()).expect("endpoints");
             let (history, grants_wall, register, stop) = (
                 history.clone(),
                 grants_wall.clone(),

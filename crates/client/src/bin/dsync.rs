@@ -341,10 +341,18 @@ async fn run(cli: Cli) -> Result<(), Status> {
             cache(&client, cmd).await
         }
         Top::Lock { cmd } => {
+            let opts = dsync_client::Options {
+                watch_leader: true,
+                ..opts
+            };
             let client = LockClient::with_options(endpoints([7001, 7002, 7003]), opts)?;
             lock(&client, cmd).await
         }
         Top::Session { cmd } => {
+            let opts = dsync_client::Options {
+                watch_leader: true,
+                ..opts
+            };
             let client = LockClient::with_options(endpoints([7001, 7002, 7003]), opts)?;
             session(&client, cmd).await
         }

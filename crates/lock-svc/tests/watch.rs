@@ -1,0 +1,277 @@
+//! Leader watches: every replica streams who leads (admin `WatchLeader`),
+//! and a lock client moves its calls to a new leader the moment any replica
+//! reports one, not when its own connection to the old one times out.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use dsync_client::{LockClient, Options};
+use proto::admin::v1::admin_client::AdminClient;
+use proto::admin::v1::admin_server::{Admin, AdminServer};
+use proto::admin::v1::*;
+use proto::common::v1::LeaderHint;
+use tonic::{Request, Response, Status};
+
+async fn watch(addr: &str) -> tonic::Streaming<WatchLeaderResponse> {
+    let mut admin = AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    admin
+        .watch_leader(WatchLeaderRequest { group_id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next event that names a leader (a follower may not know the new
+/// leader yet when the watch opens: it reports leader 0 until it does).
+async fn next(events: &mut tonic::Streaming<WatchLeaderResponse>) -> (u64, LeaderHint) {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("no leader event within 10 s")
+            .expect("the watch failed")
+            .expect("the watch ended");
+        let hint = ev.leader.expect("a leader hint");
+        if hint.leader_id != 0 {
+            return (ev.node_id, hint);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_streams_each_new_leader_with_its_term() {
+    let mut c = Cluster::start().await;
+    let l = c.leader().await;
+    let f = (1..=3).find(|&n| n != l).unwrap();
+    // A follower names the leader at the address the replicas know it by;
+    // the leader names itself.
+    let mut on_follower = watch(&c.addrs[&f]).await;
+    let (node, first) = next(&mut on_follower).await;
+    assert_eq!(node, f);
+    assert_eq!(
+        (first.leader_id, first.leader_addr.as_str()),
+        (l, c.addrs[&l].as_str())
+    );
+    assert!(first.term > 0);
+    let mut on_leader = watch(&c.addrs[&l]).await;
+    let (node, own) = next(&mut on_leader).await;
+    assert_eq!(node, l);
+    assert_eq!(
+        (own.leader_id, own.leader_addr.as_str(), own.term),
+        (l, c.addrs[&l].as_str(), first.term)
+    );
+
+    // Leadership moves to f: both streams report f in a newer term.
+    c.servers[&l].locks.group.transfer_leader(f).await.unwrap();
+    for events in [&mut on_follower, &mut on_leader] {
+        loop {
+            let (_, h) = next(events).await;
+            assert!(h.term >= first.term);
+            if h.leader_id == f {
+                assert!(h.term > first.term);
+                assert_eq!(h.leader_addr, c.addrs[&f]);
+                break;
+            }
+        }
+    }
+
+    // A replica that stops ends its watches with UNAVAILABLE.
+    c.kill(f).await;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), on_follower.message())
+            .await
+            .expect("the watch outlived its replica")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the watch ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(end.code(), tonic::Code::Unavailable | tonic::Code::Unknown),
+        "{end:?}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_learns_of_a_new_leader_without_a_failed_call() {
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    let client = c.client();
+    let s = client
+        .open_session_unmanaged(Duration::from_secs(10), "watching")
+        .await
+        .unwrap();
+    assert_eq!(client.conn().current(), c.addrs[&l]);
+    let f = (1..=3).find(|&n| n != l).unwrap();
+    c.servers[&l].locks.group.transfer_leader(f).await.unwrap();
+    // No call is made meanwhile: the watches alone move the client.
+    let t0 = Instant::now();
+    while client.conn().current() != c.addrs[&f] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the client never learned of {f}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.keep_alive(s.session_id).await.unwrap();
+    c.stop().await;
+}
+
+/// A replica whose lock service takes calls and never answers them (a hung
+/// process, or a leader cut off while its connections stay up), and whose
+/// leader watch says what the test sends it.
+#[derive(Clone)]
+struct Hung {
+    calls: Arc<AtomicUsize>,
+}
+
+impl tonic::server::NamedService for Hung {
+    const NAME: &'static str = "dsync.lock.v1.LockService";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Hung {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+}
+
+struct ScriptedAdmin {
+    events: parking_lot::Mutex<
+        Option<tokio::sync::mpsc::Receiver<Result<WatchLeaderResponse, Status>>>,
+    >,
+}
+
+#[tonic::async_trait]
+impl Admin for ScriptedAdmin {
+    type WatchLeaderStream = chassis::admin::LeaderStream;
+
+    async fn watch_leader(
+        &self,
+        _: Request<WatchLeaderRequest>,
+    ) -> Result<Response<Self::WatchLeaderStream>, Status> {
+        let rx = self
+            .events
+            .lock()
+            .take()
+            .ok_or_else(|| Status::unavailable("watched once"))?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn add_member(
+        &self,
+        _: Request<AddMemberRequest>,
+    ) -> Result<Response<AddMemberResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn remove_member(
+        &self,
+        _: Request<RemoveMemberRequest>,
+    ) -> Result<Response<RemoveMemberResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn transfer_leader(
+        &self,
+        _: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = listener.local_addr().unwrap().to_string();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (events, rx) = tokio::sync::mpsc::channel(4);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(ScriptedAdmin {
+                events: parking_lot::Mutex::new(Some(rx)),
+            }))
+            .add_service(Hung {
+                calls: calls.clone(),
+            })
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // The client knows only the hung replica, and would wait a minute on it.
+    let opts = Options {
+        watch_leader: true,
+        request_timeout: Duration::from_secs(60),
+        retry_for: Duration::from_secs(60),
+        ..Options::default()
+    };
+    let client = LockClient::with_options([hung_addr], opts).unwrap();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .open_session_unmanaged(Duration::from_secs(10), "moved")
+                .await
+        }
+    });
+    let t0 = Instant::now();
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the call never reached the hung replica"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its watch reports an election elsewhere: the call moves there.
+    let term = c.servers[&l].locks.group.status().term;
+    events
+        .send(Ok(WatchLeaderResponse {
+            node_id: 99,
+            leader: Some(LeaderHint {
+                leader_id: l,
+                leader_addr: c.addrs[&l].clone(),
+                group_id: 1,
+                term,
+            }),
+        }))
+        .await
+        .unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call stayed on the hung replica")
+        .unwrap()
+        .expect("served by the reported leader");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(c.servers[&l]
+        .locks
+        .state
+        .read()
+        .sessions
+        .contains_key(&s.session_id));
+    server.abort();
+    c.stop().await;
+}
