@@ -34,7 +34,7 @@ fn main() -> ExitCode {
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  test                 fmt check, clippy -D warnings, the whole test suite\n  \
-                 bench <consensus|lock> [..]  a benchmark (release build)\n  \
+                 bench <consensus|lock|queue|cache|failover> [..]  a benchmark (release build)\n  \
                  up [DATA_DIR]        three replicas of every service on 127.0.0.1\n  \
                  manifests            write k8s/ (generated Kubernetes manifests)\n  \
                  image                build the images (from scratch) into Docker + OCI archives\n  \
@@ -146,10 +146,8 @@ const PYTHON_TEST_PACKAGES: &[&str] = &[
     "pytest",
 ];
 
-/// The Python client's tests (pytest) against three real `lock-svc`
-/// processes, the debug binary `cargo test --workspace` just built;
-/// installs what they need first if it is missing.
-fn python_client_tests() -> Result {
+/// Installs [`PYTHON_TEST_PACKAGES`] unless they are there.
+fn python_test_packages() -> Result {
     let have = Command::new("python3")
         .args([
             "-c",
@@ -160,6 +158,14 @@ fn python_client_tests() -> Result {
     if !have {
         pip_install(PYTHON_TEST_PACKAGES)?;
     }
+    Ok(())
+}
+
+/// The Python client's tests (pytest) against three real `lock-svc`
+/// processes, the debug binary `cargo test --workspace` just built;
+/// installs what they need first if it is missing.
+fn python_client_tests() -> Result {
+    python_test_packages()?;
     let dir = root().join("clients/python");
     let mut pytest = Command::new("python3");
     pytest
@@ -220,10 +226,14 @@ const BENCHES: &[(&str, &str, &str)] = &[
 
 fn bench(args: &[String]) -> Result {
     let usage = || {
-        let names: Vec<&str> = BENCHES.iter().map(|(n, _, _)| *n).collect();
+        let mut names: Vec<&str> = BENCHES.iter().map(|(n, _, _)| *n).collect();
+        names.push("failover");
         format!("usage: cargo xtask bench <{}> [args…]", names.join("|"))
     };
     let (what, rest) = args.split_first().ok_or_else(usage)?;
+    if what == "failover" {
+        return failover_bench(rest);
+    }
     let (_, krate, example) = BENCHES
         .iter()
         .find(|(n, _, _)| n == what)
@@ -271,6 +281,25 @@ fn bench(args: &[String]) -> Result {
     c.args(["run", "--release", "-p", krate, "--example", example, "--"])
         .args(rest);
     run(c)
+}
+
+/// `bench failover`: the Python client's pause in lock grants after the
+/// leader process is killed or hung (clients/python/failover_bench.py),
+/// against release `lock-svc` processes.
+fn failover_bench(args: &[String]) -> Result {
+    let mut b = cargo();
+    b.args(["build", "--release", "-p", "lock-svc", "--bin", "lock-svc"]);
+    run(b)?;
+    python_test_packages()?;
+    let mut py = Command::new("python3");
+    py.arg("failover_bench.py")
+        .args(args)
+        .current_dir(root().join("clients/python"))
+        .env(
+            "DSYNC_LOCK_SVC_BIN",
+            target_dir().join("release").join("lock-svc"),
+        );
+    run(py)
 }
 
 /// Installs Debian's nats-server for the JetStream comparison when it is

@@ -26,7 +26,17 @@ decides, from the error, whether to retry and where:
 * anything else is the service's answer and is raised as is.
 
 Retries are bounded by an attempt count and an overall deadline; backoff
-doubles from 20 ms to 500 ms.
+doubles from 20 ms to 100 ms (an election takes 150–300 ms: polling at most
+100 ms apart finds the new leader soon after it is elected).
+
+With ``watch_leader`` (on for the lock :class:`~dsync_client.Client`) the
+channel keeps an admin ``WatchLeader`` stream open to every replica, in a
+daemon thread each. When any replica reports a leader of a newer term, calls
+go there; a call in flight on another replica (one started with
+``.future()``) whose replica does not report that term itself within
+``MOVE_GRACE`` (it is dead, hung or cut off) is cancelled and retried there
+at once: a leader that died without closing its connections costs the
+election, not the connection's keep-alive timeout.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from typing import NamedTuple, TypeVar
 import grpc
 
 from . import errors
-from ._proto import common_pb2
+from ._proto import admin_pb2, admin_pb2_grpc, common_pb2
 from .errors import DsyncError
 
 log = logging.getLogger("dsync_client")
@@ -54,8 +64,8 @@ _LEADER_HINT_TYPE = "dsync.common.v1.LeaderHint"
 # gRPC channel options: notice dead peers quickly (HTTP/2 pings) and
 # reconnect to a restarted replica quickly (default backoff reaches 120 s).
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_time_ms", 250),
+    ("grpc.keepalive_timeout_ms", 500),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -65,6 +75,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 # Substrings of UNAVAILABLE messages that grpc-core produces when it never
 # got a connection, so the request was certainly not sent.
+# How long the replica an attempt is on gets to show, on its own watch, that
+# it follows a newer leader reported elsewhere before the attempt moves: a
+# live former leader (a leadership transfer) still answers its calls.
+MOVE_GRACE = 0.1
+
 _NOT_SENT = ("failed to connect to all addresses", "connection refused", "dns resolution failed")
 
 
@@ -115,6 +130,10 @@ def leader_hint(err: DsyncError) -> common_pb2.LeaderHint | None:
     return None
 
 
+class _Moved(Exception):
+    """A watch reported a newer leader while an attempt ran elsewhere."""
+
+
 def _not_sent(err: DsyncError) -> bool:
     msg = err.message.lower()
     return any(s in msg for s in _NOT_SENT)
@@ -133,6 +152,7 @@ class LeaderChannel:
         retry_for: float = 10.0,
         max_attempts: int = 50,
         options: Sequence[tuple[str, int]] = (),
+        watch_leader: bool = False,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e]
@@ -148,6 +168,17 @@ class LeaderChannel:
         self._term = 0  # highest term of a hint followed
         self._next = 0  # endpoint to try when no leader is known
         self._closed = False
+        self._closing = threading.Event()
+        # Leader watches (see the module docstring).
+        self._watch = watch_leader
+        self._watched: set[str] = set()
+        self._streams: set[grpc.Future] = set()
+        self._nodes: dict[int, str] = {}  # node id -> the endpoint we dial it at
+        self._watch_term = 0  # newest term a watch reported a leader of
+        self._watch_leader = 0  # ... and that leader's node id
+        self._terms: dict[str, int] = {}  # newest term each endpoint's watch reported
+        self._moves = 0  # bumped at each such report
+        self._waiting: set[threading.Event] = set()  # attempts in flight
 
     # --- routing state -------------------------------------------------------
 
@@ -212,8 +243,123 @@ class LeaderChannel:
         with self._lock:
             self._closed = True
             channels, self._channels = list(self._channels.values()), {}
+            streams = list(self._streams)
+        self._closing.set()
+        for st in streams:
+            st.cancel()
         for ch in channels:
             ch.close()
+
+    # --- leader watches --------------------------------------------------------
+
+    def _start_watches(self) -> None:
+        """Starts a watch thread for every endpoint not watched yet."""
+        if not self._watch:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            new = [e for e in self._endpoints if e not in self._watched]
+            self._watched.update(new)
+        for addr in new:
+            threading.Thread(target=self._watch_loop, args=(addr,), name=f"dsync-watch-{addr}", daemon=True).start()
+
+    def _watch_loop(self, addr: str) -> None:
+        """Keeps a WatchLeader stream open to ``addr`` until the channel
+        closes, reopening it after failures."""
+        while not self._closing.is_set():
+            pause = 0.2
+            stream = None
+            try:
+                stub = admin_pb2_grpc.AdminStub(self.channel(addr))
+                stream = stub.WatchLeader(admin_pb2.WatchLeaderRequest())
+                with self._lock:
+                    if self._closed:
+                        stream.cancel()
+                        return
+                    self._streams.add(stream)
+                for ev in stream:
+                    self._learn(addr, ev.node_id, ev.leader)
+            except grpc.RpcError as e:
+                # A build without the watch will not grow one soon.
+                if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    pause = 30.0
+            except (DsyncError, ValueError):
+                return  # the channel closed
+            finally:
+                if stream is not None:
+                    with self._lock:
+                        self._streams.discard(stream)
+            self._closing.wait(pause)
+
+    def _learn(self, addr: str, node_id: int, hint: common_pb2.LeaderHint) -> None:
+        """What the watch on ``addr`` (node ``node_id``) said: a leader of a
+        newer term than any reported becomes where calls go, and attempts in
+        flight elsewhere are told."""
+        with self._lock:
+            if node_id:
+                self._nodes[node_id] = addr
+            self._terms[addr] = max(self._terms.get(addr, 0), hint.term)
+            if not hint.leader_id:
+                return
+            # Call the leader where we dialed it, if a watch told us which
+            # endpoint it is; else at the address the replicas know it by.
+            dialed = self._nodes.get(hint.leader_id)
+            target = dialed or hint.leader_addr
+            if not target:
+                return
+            if hint.term == self._watch_term and hint.leader_id == self._watch_leader:
+                # The same leader, now perhaps known at an endpoint we dialed.
+                if dialed and self._leader == hint.leader_addr:
+                    self._leader = dialed
+                return
+            if hint.term < self._watch_term:
+                return
+            self._watch_term, self._watch_leader = hint.term, hint.leader_id
+            self._term = max(self._term, hint.term)
+            if target not in self._endpoints:
+                self._endpoints.append(target)
+            self._leader = target
+            self._moves += 1
+            waiting = list(self._waiting)
+        for ev in waiting:
+            ev.set()
+        self._start_watches()
+
+    def _result(self, addr: str, fut: grpc.Future) -> object:
+        """Waits for an attempt started with ``.future()``; raises
+        :class:`_Moved` (having cancelled it) when a watch reports a newer
+        leader than ``addr`` meanwhile and ``addr``'s own watch does not show
+        that term within ``MOVE_GRACE``."""
+        if not self._watch:
+            return fut.result()
+        wake = threading.Event()
+        with self._lock:
+            moves = self._moves
+            self._waiting.add(wake)
+        fut.add_done_callback(lambda _: wake.set())
+        try:
+            while True:
+                wake.wait()
+                wake.clear()
+                if fut.done():
+                    return fut.result()
+                with self._lock:
+                    moved = self._moves != moves and self._leader != addr
+                    moves, term = self._moves, self._watch_term
+                if not moved:
+                    continue
+                # A replica that follows the new leader too is alive: it
+                # answers the calls it has.
+                time.sleep(MOVE_GRACE)
+                with self._lock:
+                    alive = self._terms.get(addr, 0) >= term
+                if not alive and fut.cancel():
+                    raise _Moved()
+                wake.set()  # look at the future (and newer moves) again
+        finally:
+            with self._lock:
+                self._waiting.discard(wake)
 
     @property
     def closed(self) -> bool:
@@ -233,10 +379,15 @@ class LeaderChannel:
         """Runs ``invoke(channel, attempt_timeout)`` on the leader, following
         hints and retrying as the module docstring describes.
 
+        ``invoke`` may return the call's result, or a ``grpc.Future`` (from
+        ``stub.Method.future(...)``), which a leader watch can cancel to move
+        the call to a newly elected leader.
+
         ``timeout`` bounds each attempt; attempts start until ``retry_for``
         (default: the channel's) has passed, so a call lasts at most about
         ``retry_for + timeout``. Raises :class:`~dsync_client.errors.DsyncError`.
         """
+        self._start_watches()
         start = time.monotonic()
         deadline = start + (self.retry_for if retry_for is None else retry_for) + timeout
         backoff = 0.02
@@ -249,6 +400,15 @@ class LeaderChannel:
             remaining = deadline - time.monotonic()
             try:
                 result = invoke(self.channel(addr), max(0.001, min(timeout, remaining)))
+                if isinstance(result, grpc.Future):
+                    result = self._result(addr, result)
+            except _Moved:
+                log.debug("attempt %d on %s moved to a newly elected leader", attempt, addr)
+                if attempt >= self.max_attempts or time.monotonic() >= deadline:
+                    raise errors.make_error(
+                        grpc.StatusCode.UNAVAILABLE, f"{addr} stopped leading and no retry is left"
+                    ) from None
+                continue
             except grpc.RpcError as e:
                 err = errors.from_rpc_error(e)
             except ValueError as e:  # grpc raises ValueError on a closed channel
@@ -272,7 +432,7 @@ class LeaderChannel:
             log.debug("attempt %d on %s failed (%s); retrying in %.3fs", attempt, addr, err, wait)
             if pause:
                 time.sleep(wait)
-                backoff = min(backoff * 2, 0.5)
+                backoff = min(backoff * 2, 0.1)
 
     def _decide(self, addr: str, err: DsyncError, safe_to_repeat: bool, waits: bool = False) -> Verdict:
         """What to do after a failed attempt on ``addr``."""

@@ -95,6 +95,8 @@ class Client:
     ``request_timeout`` bounds each attempt of a call that does not wait for a
     lock; ``retry_for`` bounds how long a call keeps retrying; a waiting call
     (Acquire, Upgrade) gets ``wait + wait_margin`` per attempt.
+    ``watch_leader`` keeps a leader watch on every replica so a call moves to
+    a newly elected leader at once (every lock call is safe to repeat).
     """
 
     #: The server's default wait (AcquireRequest.wait_timeout_ms unset).
@@ -108,8 +110,11 @@ class Client:
         retry_for: float = 10.0,
         wait_margin: float = 5.0,
         max_attempts: int = 50,
+        watch_leader: bool = True,
     ) -> None:
-        self.conn = LeaderChannel(endpoints, retry_for=retry_for, max_attempts=max_attempts)
+        self.conn = LeaderChannel(
+            endpoints, retry_for=retry_for, max_attempts=max_attempts, watch_leader=watch_leader
+        )
         self.request_timeout = request_timeout
         self.wait_margin = wait_margin
 
@@ -153,7 +158,7 @@ class Client:
         if _OPEN_SESSION_HAS_REQUEST_ID:  # field 3, newer servers deduplicate on it
             req.request_id = new_request_id()
         return self.conn.call(
-            lambda ch, t: self._stub(ch).OpenSession(req, timeout=t),
+            lambda ch, t: self._stub(ch).OpenSession.future(req, timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=_OPEN_SESSION_HAS_REQUEST_ID,
         )
@@ -171,7 +176,7 @@ class Client:
     ) -> lock_pb2.KeepAliveResponse:
         req = lock_pb2.KeepAliveRequest(session_id=session_id)
         return self.conn.call(
-            lambda ch, t: self._stub(ch).KeepAlive(req, timeout=t),
+            lambda ch, t: self._stub(ch).KeepAlive.future(req, timeout=t),
             timeout=timeout or self.request_timeout,
             safe_to_repeat=True,
             retry_for=retry_for,
@@ -180,7 +185,7 @@ class Client:
     def close_session(self, session_id: int) -> lock_pb2.CloseSessionResponse:
         req = lock_pb2.CloseSessionRequest(session_id=session_id)
         return self.conn.call(
-            lambda ch, t: self._stub(ch).CloseSession(req, timeout=t),
+            lambda ch, t: self._stub(ch).CloseSession.future(req, timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=True,
         )
@@ -211,7 +216,7 @@ class Client:
         if wait_timeout_ms is not None:
             req.wait_timeout_ms = wait_timeout_ms
         return self.conn.call(
-            lambda ch, t: self._stub(ch).Acquire(req, timeout=t),
+            lambda ch, t: self._stub(ch).Acquire.future(req, timeout=t),
             timeout=self._wait_timeout(wait_timeout_ms),
             waits=True,
             safe_to_repeat=True,
@@ -221,7 +226,7 @@ class Client:
         """Releases by lock id, or (lock_id 0) by resource."""
         req = lock_pb2.ReleaseRequest(session_id=session_id, lock_id=lock_id, resource=resource)
         self.conn.call(
-            lambda ch, t: self._stub(ch).Release(req, timeout=t),
+            lambda ch, t: self._stub(ch).Release.future(req, timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=True,
         )
@@ -229,7 +234,7 @@ class Client:
     def release_all(self, session_id: int) -> lock_pb2.ReleaseAllResponse:
         req = lock_pb2.ReleaseAllRequest(session_id=session_id)
         return self.conn.call(
-            lambda ch, t: self._stub(ch).ReleaseAll(req, timeout=t),
+            lambda ch, t: self._stub(ch).ReleaseAll.future(req, timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=True,
         )
@@ -240,7 +245,7 @@ class Client:
         if wait_timeout_ms is not None:
             req.wait_timeout_ms = wait_timeout_ms
         r = self.conn.call(
-            lambda ch, t: self._stub(ch).Upgrade(req, timeout=t),
+            lambda ch, t: self._stub(ch).Upgrade.future(req, timeout=t),
             timeout=self._wait_timeout(wait_timeout_ms),
             waits=True,
             # A repeat re-attaches to the pending upgrade, or answers the
@@ -253,7 +258,7 @@ class Client:
         """Downgrades to SHARED; returns the fencing token (unchanged)."""
         req = lock_pb2.DowngradeRequest(session_id=session_id, lock_id=lock_id)
         r = self.conn.call(
-            lambda ch, t: self._stub(ch).Downgrade(req, timeout=t),
+            lambda ch, t: self._stub(ch).Downgrade.future(req, timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=True,  # a SHARED lock answers its token
         )
@@ -265,7 +270,7 @@ class Client:
         """Holders and waiters of ``resource``."""
         req = lock_pb2.GetStatusRequest(resource=resource)
         return self.conn.call(
-            lambda ch, t: self._stub(ch).GetStatus(req, timeout=t),
+            lambda ch, t: self._stub(ch).GetStatus.future(req, timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=True,
         )
@@ -291,14 +296,14 @@ class Client:
 
     def _list_page(self, req: lock_pb2.ListLocksRequest) -> lock_pb2.ListLocksResponse:
         return self.conn.call(
-            lambda ch, t: self._stub(ch).ListLocks(req, timeout=t),
+            lambda ch, t: self._stub(ch).ListLocks.future(req, timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=True,
         )
 
     def list_sessions(self) -> list[lock_pb2.Session]:
         r = self.conn.call(
-            lambda ch, t: self._stub(ch).ListSessions(lock_pb2.ListSessionsRequest(), timeout=t),
+            lambda ch, t: self._stub(ch).ListSessions.future(lock_pb2.ListSessionsRequest(), timeout=t),
             timeout=self.request_timeout,
             safe_to_repeat=True,
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import pytest
 from google.protobuf import any_pb2
@@ -205,5 +208,84 @@ def test_retry_rules() -> None:
         # A hint to another replica: retried at once there, for any call.
         hinted = status_error(U, "nl", info("NOT_LEADER", leader_id="2", leader_addr="b:1", term="3"))
         assert decide(hinted, False) == (True, False) and ch.leader == "b:1"
+    finally:
+        ch.close()
+
+
+class PendingFuture(grpc.Future):  # type: ignore[misc]
+    """An attempt in flight on a replica that never answers."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+        self._callbacks: list = []
+
+    def cancel(self) -> bool:
+        self._cancelled.set()
+        for cb in self._callbacks:
+            cb(self)
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def running(self) -> bool:
+        return not self.done()
+
+    def done(self) -> bool:
+        return self._cancelled.is_set()
+
+    def result(self, timeout: float | None = None) -> object:
+        raise grpc.FutureCancelledError()
+
+    def exception(self, timeout: float | None = None) -> None:
+        return None
+
+    def traceback(self, timeout: float | None = None) -> None:
+        return None
+
+    def add_done_callback(self, fn) -> None:  # type: ignore[no-untyped-def]
+        self._callbacks.append(fn)
+
+
+def test_a_watch_moves_a_call_in_flight_to_a_newer_leader() -> None:
+    # Endpoints nothing listens on: the watch threads only retry quietly.
+    ch = LeaderChannel(["127.0.0.1:9", "127.0.0.1:7"], watch_leader=True)
+    hung = PendingFuture()
+    tried: list[str] = []
+
+    def invoke(channel: grpc.Channel, timeout: float) -> object:
+        tried.append(ch.current())
+        return hung if len(tried) == 1 else "served"
+
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(ch.call(invoke, timeout=60, safe_to_repeat=True)))
+    try:
+        t.start()
+        deadline = time.monotonic() + 10
+        while not ch._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ch._waiting, "the attempt never started"
+        # A stale or leaderless report moves nothing.
+        ch._learn("127.0.0.1:7", 2, common_pb2.LeaderHint(leader_id=0, term=9))
+        time.sleep(0.1)
+        assert t.is_alive() and not hung.cancelled()
+        # Node 2 (dialed at 127.0.0.1:7) reports itself elected in term 9,
+        # and so does the replica the attempt is on: it is alive and in
+        # touch, so it keeps the call (a leadership transfer).
+        ch._learn("127.0.0.1:9", 1, common_pb2.LeaderHint(leader_id=2, leader_addr="elsewhere:1", term=9))
+        ch._learn("127.0.0.1:7", 2, common_pb2.LeaderHint(leader_id=2, leader_addr="elsewhere:1", term=9))
+        assert ch.leader == "127.0.0.1:7"
+        time.sleep(0.5)
+        assert t.is_alive() and not hung.cancelled()
+        # Term 10, and 127.0.0.1:9 says nothing of it (dead or cut off): the
+        # attempt there is cancelled and the call retried at the leader.
+        ch._learn("127.0.0.1:7", 2, common_pb2.LeaderHint(leader_id=2, leader_addr="elsewhere:1", term=10))
+        t.join(10)
+        assert out == ["served"] and hung.cancelled()
+        assert tried == ["127.0.0.1:9", "127.0.0.1:7"]
+        assert ch.leader == "127.0.0.1:7"
+        # An older term reported later changes nothing.
+        ch._learn("127.0.0.1:9", 1, common_pb2.LeaderHint(leader_id=1, leader_addr="127.0.0.1:9", term=8))
+        assert ch.leader == "127.0.0.1:7"
     finally:
         ch.close()

@@ -10,7 +10,7 @@ pub mod lock;
 pub mod queue;
 pub mod routing;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -83,11 +83,25 @@ pub struct Conn {
     inner: Arc<Inner>,
 }
 
+/// How long the replica a call is on gets to show, on its own watch, that
+/// it follows a newer leader reported elsewhere before the call moves: a
+/// live former leader (a leadership transfer) still applies the log and
+/// answers its calls, so only a dead or cut-off one loses them.
+const MOVE_GRACE: Duration = Duration::from_millis(100);
+
+/// The newest leader the watches reported.
+#[derive(Debug, Clone, Default)]
+struct Leader {
+    term: u64,
+    id: u64,
+    /// Where this client calls it.
+    addr: String,
+}
+
 struct Inner {
     opts: Options,
     state: Mutex<State>,
-    /// The newest leader the watches reported: (term, address).
-    moved: tokio::sync::watch::Sender<(u64, String)>,
+    moved: tokio::sync::watch::Sender<Leader>,
     /// Dropped with the last clone of the `Conn`: ends its watches.
     alive: tokio::sync::watch::Sender<()>,
 }
@@ -97,12 +111,15 @@ struct State {
     leader: Option<String>,
     next: usize,
     channels: HashMap<String, Channel>,
-    /// Endpoints with a leader watch running.
-    watched: HashSet<String>,
+    /// The leader watch of each endpoint.
+    watched: HashMap<String, tokio::task::JoinHandle<()>>,
     /// Node id → the endpoint this client reaches it at, as the watches
     /// learned them (a leader is called where this client dialed it, not
     /// at the address the replicas know it by).
     nodes: HashMap<u64, String>,
+    /// The newest term each endpoint's watch reported (with a leader or
+    /// not): a replica in touch with the others knows the current one.
+    terms: HashMap<String, u64>,
 }
 
 impl Conn {
@@ -123,10 +140,11 @@ impl Conn {
                     leader: None,
                     next: 0,
                     channels: HashMap::new(),
-                    watched: HashSet::new(),
+                    watched: HashMap::new(),
                     nodes: HashMap::new(),
+                    terms: HashMap::new(),
                 }),
-                moved: tokio::sync::watch::channel((0, String::new())).0,
+                moved: tokio::sync::watch::channel(Leader::default()).0,
                 alive: tokio::sync::watch::channel(()).0,
             }),
         })
@@ -198,7 +216,9 @@ impl Conn {
             None => {
                 // Re-resolve next time: a restarted replica may have moved.
                 s.channels.remove(addr);
-                s.leader = None;
+                if s.leader.as_deref() == Some(addr) {
+                    s.leader = None;
+                }
                 if s.endpoints
                     .get(s.next % s.endpoints.len())
                     .map(String::as_str)
@@ -227,29 +247,37 @@ impl Conn {
         let deadline = Instant::now() + self.inner.opts.retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
+            // Subscribed before choosing the replica: a report that comes
+            // while the channel is set up still moves the attempt.
+            let mut moved = self.inner.moved.subscribe();
             let addr = self.current();
             let attempt = match self.channel(&addr).await {
-                Ok(ch) => self.unless_moved(&addr, f(ch)).await,
+                Ok(ch) => self.unless_moved(&addr, &mut moved, f(ch)).await,
                 Err(e) => Err(Some(e)),
             };
             let err = match attempt {
                 Ok(v) => {
-                    self.inner.state.lock().leader = Some(addr);
+                    // Not over a newer leader reported meanwhile.
+                    let newer = moved.has_changed().unwrap_or(false) && moved.borrow().addr != addr;
+                    if !newer {
+                        self.inner.state.lock().leader = Some(addr);
+                    }
                     return Ok(v);
                 }
-                Err(None) if Instant::now() < deadline => continue,
-                Err(None) => {
-                    return Err(Status::unavailable(format!(
-                        "{addr} stopped leading and no retry is left"
-                    )))
-                }
+                // Moves are bounded by elections: always retried, whatever
+                // the deadline (a wait may be older than `retry_for`).
+                Err(None) => continue,
                 Err(Some(e)) => e,
             };
             if !replica_failed(&err) || Instant::now() >= deadline {
                 return Err(err);
             }
+            // A hint older than the leader the watches reported names a
+            // deposed leader (a lagging replica's view).
+            let newest = self.inner.moved.borrow().term;
             let hint = proto::leader_hint(&err)
                 .filter(|h| !h.leader_addr.is_empty() && h.leader_addr != addr)
+                .filter(|h| h.term == 0 || h.term >= newest)
                 .map(|h| h.leader_addr);
             let followed = hint.is_some();
             self.follow(&addr, hint);
@@ -260,21 +288,28 @@ impl Conn {
         }
     }
 
-    /// `attempt` on `addr`, abandoned (`Err(None)`) when a watch reports a
-    /// newer leader elsewhere meanwhile: the caller retries there at once.
+    /// `attempt` on `addr`, abandoned (`Err(None)`) when the watches report
+    /// a newer leader elsewhere and `addr` does not show within
+    /// [`MOVE_GRACE`] that it follows it too (it is dead, hung or cut off):
+    /// the caller retries at the new leader at once.
     async fn unless_moved<T>(
         &self,
         addr: &str,
+        moved: &mut tokio::sync::watch::Receiver<Leader>,
         attempt: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Option<Status>> {
         if !self.inner.opts.watch_leader {
             return attempt.await.map_err(Some);
         }
-        let mut moved = self.inner.moved.subscribe();
-        moved.mark_unchanged();
         let elsewhere = async {
             while moved.changed().await.is_ok() {
-                if moved.borrow_and_update().1 != addr {
+                let newer = moved.borrow_and_update().clone();
+                if newer.addr == addr {
+                    continue;
+                }
+                tokio::time::sleep(MOVE_GRACE).await;
+                let seen = self.inner.state.lock().terms.get(addr).copied();
+                if seen.unwrap_or(0) < newer.term {
                     return;
                 }
             }
@@ -289,50 +324,80 @@ impl Conn {
         }
     }
 
-    /// Starts a leader watch on every known endpoint not watched yet (when
-    /// [`Options::watch_leader`] is on).
+    /// Starts a leader watch on every known endpoint without a running one
+    /// (when [`Options::watch_leader`] is on and a runtime is at hand).
     fn watch(&self) {
         if !self.inner.opts.watch_leader {
             return;
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let mut s = self.inner.state.lock();
-        let new: Vec<String> = s
-            .endpoints
-            .iter()
-            .filter(|e| !s.watched.contains(*e))
-            .cloned()
-            .collect();
-        for e in new {
-            s.watched.insert(e.clone());
-            tokio::spawn(watch_leader(
+        for e in s.endpoints.clone() {
+            if s.watched.get(&e).is_some_and(|h| !h.is_finished()) {
+                continue;
+            }
+            let task = rt.spawn(watch_leader(
                 Arc::downgrade(&self.inner),
                 self.inner.alive.subscribe(),
-                e,
+                e.clone(),
             ));
+            s.watched.insert(e, task);
         }
     }
 
     /// What the watch on `endpoint` (node `node`) reported: a leader of a
-    /// newer term than any seen becomes where calls go.
+    /// newer term than any reported becomes where calls go, and calls in
+    /// flight elsewhere are told ([`Conn::unless_moved`]).
     fn learn(&self, endpoint: &str, node: u64, hint: proto::common::v1::LeaderHint) {
         let mut s = self.inner.state.lock();
         if node != 0 {
             s.nodes.insert(node, endpoint.to_owned());
         }
-        if hint.leader_id == 0 || hint.term <= self.inner.moved.borrow().0 {
+        let seen = s.terms.entry(endpoint.to_owned()).or_default();
+        *seen = (*seen).max(hint.term);
+        if hint.leader_id == 0 {
             return;
         }
-        let addr = match s.nodes.get(&hint.leader_id) {
-            Some(a) => a.clone(),
-            None if !hint.leader_addr.is_empty() => hint.leader_addr,
-            None => return,
+        let dialed = s.nodes.get(&hint.leader_id).cloned();
+        let Some(addr) = dialed
+            .clone()
+            .or_else(|| Some(hint.leader_addr.clone()).filter(|a| !a.is_empty()))
+        else {
+            return;
         };
+        // Compared and set under the state lock: two watches never publish
+        // out of order.
+        let mut newer = false;
+        self.inner.moved.send_if_modified(|m| {
+            if hint.term > m.term {
+                *m = Leader {
+                    term: hint.term,
+                    id: hint.leader_id,
+                    addr: addr.clone(),
+                };
+                newer = true;
+                return true;
+            }
+            if hint.term == m.term && hint.leader_id == m.id && dialed.is_some() && m.addr != addr {
+                // The same leader, now known at the endpoint this client
+                // dialed: calls go there from now on; nothing moves.
+                let old = std::mem::replace(&mut m.addr, addr.clone());
+                if s.leader.as_deref() == Some(old.as_str()) {
+                    s.leader = Some(addr.clone());
+                }
+            }
+            false
+        });
+        if !newer {
+            return;
+        }
         if !s.endpoints.contains(&addr) {
             s.endpoints.push(addr.clone());
         }
-        s.leader = Some(addr.clone());
+        s.leader = Some(addr);
         drop(s);
-        self.inner.moved.send_replace((hint.term, addr));
         self.watch();
     }
 
@@ -391,45 +456,67 @@ impl Conn {
 
 /// Keeps an admin `WatchLeader` stream open to `endpoint` while the `Conn`
 /// lives, reporting what it says to [`Conn::learn`]; reopens it after a
-/// failure (a replica down, restarting, or of a build without it).
+/// failure (a replica down, restarting, or of a build without it), backing
+/// off from 200 ms to 5 s while it keeps failing.
 async fn watch_leader(
     inner: Weak<Inner>,
     mut alive: tokio::sync::watch::Receiver<()>,
     endpoint: String,
 ) {
-    use proto::admin::v1::admin_client::AdminClient;
-    let follow = |inner: Weak<Inner>, endpoint: String| async move {
-        let conn = Conn {
-            inner: inner.upgrade().ok_or_else(|| Status::cancelled("closed"))?,
-        };
-        let ch = conn.channel(&endpoint).await?;
-        drop(conn);
-        let req = proto::admin::v1::WatchLeaderRequest { group_id: 0 };
-        let mut events = AdminClient::new(ch).watch_leader(req).await?.into_inner();
-        while let Some(ev) = events.message().await? {
-            let Some(inner) = inner.upgrade() else {
-                break;
-            };
-            if let Some(hint) = ev.leader {
-                Conn { inner }.learn(&endpoint, ev.node_id, hint);
-            }
-        }
-        Ok::<(), Status>(())
-    };
+    const FIRST: Duration = Duration::from_millis(200);
+    let mut pause = FIRST;
     loop {
+        let mut heard = false;
         let ended = tokio::select! {
-            r = follow(inner.clone(), endpoint.clone()) => r,
+            r = follow_leader(&inner, &endpoint, &mut heard) => r,
             _ = alive.changed() => return,
         };
-        // A build without the watch will not grow one soon; otherwise the
-        // replica is down or restarting: look again shortly.
-        let pause = match ended {
+        if heard {
+            pause = FIRST;
+        }
+        let wait = match ended {
+            // A build without the watch will not grow one soon.
             Err(e) if e.code() == Code::Unimplemented => Duration::from_secs(30),
-            _ => Duration::from_millis(200),
+            Err(_) => {
+                // Re-resolve next time: a restarted replica may have moved.
+                if let Some(inner) = inner.upgrade() {
+                    inner.state.lock().channels.remove(&endpoint);
+                }
+                pause
+            }
+            Ok(()) => pause,
         };
+        pause = (pause * 2).min(Duration::from_secs(5));
         tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = alive.changed() => return,
         }
     }
+}
+
+/// One `WatchLeader` stream on `endpoint`, until it ends; `heard` is set
+/// once it delivered a message. Holds the `Conn` only between messages.
+async fn follow_leader(
+    inner: &Weak<Inner>,
+    endpoint: &str,
+    heard: &mut bool,
+) -> Result<(), Status> {
+    use proto::admin::v1::admin_client::AdminClient;
+    let conn = Conn {
+        inner: inner.upgrade().ok_or_else(|| Status::cancelled("closed"))?,
+    };
+    let ch = conn.channel(endpoint).await?;
+    drop(conn);
+    let req = proto::admin::v1::WatchLeaderRequest { group_id: 0 };
+    let mut events = AdminClient::new(ch).watch_leader(req).await?.into_inner();
+    while let Some(ev) = events.message().await? {
+        *heard = true;
+        let Some(inner) = inner.upgrade() else {
+            break;
+        };
+        if let Some(hint) = ev.leader {
+            Conn { inner }.learn(endpoint, ev.node_id, hint);
+        }
+    }
+    Ok(())
 }

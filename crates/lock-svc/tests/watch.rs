@@ -204,32 +204,48 @@ impl Admin for ScriptedAdmin {
     }
 }
 
+type Events = tokio::sync::mpsc::Sender<Result<WatchLeaderResponse, Status>>;
+
+/// A scripted replica on 127.0.0.1: its admin watch streams what is sent
+/// on the returned channel; with `hung`, it also takes lock calls and never
+/// answers them.
+async fn scripted(hung: Option<Hung>) -> (String, Events, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (events, rx) = tokio::sync::mpsc::channel(4);
+    let admin = AdminServer::new(ScriptedAdmin {
+        events: parking_lot::Mutex::new(Some(rx)),
+    });
+    let routes = tonic::transport::Server::builder()
+        .add_service(admin)
+        .add_optional_service(hung);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        let _ = routes.serve_with_incoming(incoming).await;
+    });
+    (addr, events, server)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
     let c = Cluster::start().await;
     let l = c.leader().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung_addr = listener.local_addr().unwrap().to_string();
+    // The hung replica, whose watch never says anything, and another
+    // replica whose watch says what the test sends it.
     let calls = Arc::new(AtomicUsize::new(0));
-    let (events, rx) = tokio::sync::mpsc::channel(4);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AdminServer::new(ScriptedAdmin {
-                events: parking_lot::Mutex::new(Some(rx)),
-            }))
-            .add_service(Hung {
-                calls: calls.clone(),
-            })
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    // The client knows only the hung replica, and would wait a minute on it.
+    let (hung_addr, _silent, hung) = scripted(Some(Hung {
+        calls: calls.clone(),
+    }))
+    .await;
+    let (other_addr, events, other) = scripted(None).await;
+    // The client calls the hung replica first, and would wait a minute on it.
     let opts = Options {
         watch_leader: true,
         request_timeout: Duration::from_secs(60),
         retry_for: Duration::from_secs(60),
         ..Options::default()
     };
-    let client = LockClient::with_options([hung_addr], opts).unwrap();
+    let client = LockClient::with_options([hung_addr, other_addr], opts).unwrap();
     let call = tokio::spawn({
         let client = client.clone();
         async move {
@@ -246,7 +262,8 @@ async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Its watch reports an election elsewhere: the call moves there.
+    // The other replica reports an election the hung one does not show:
+    // the call moves to the new leader.
     let term = c.servers[&l].locks.group.status().term;
     events
         .send(Ok(WatchLeaderResponse {
@@ -272,6 +289,70 @@ async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
         .read()
         .sessions
         .contains_key(&s.session_id));
-    server.abort();
+    hung.abort();
+    other.abort();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_stays_on_a_former_leader_that_follows_the_new_one() {
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    let (a, b) = (c.client(), c.client());
+    let sa = a
+        .open_session_unmanaged(Duration::from_secs(20), "holder")
+        .await
+        .unwrap();
+    let sb = b
+        .open_session_unmanaged(Duration::from_secs(20), "waiter")
+        .await
+        .unwrap();
+    let held = a
+        .acquire(sa.session_id, "r", dsync_client::LockMode::Exclusive, None)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move {
+            b.acquire(
+                sb.session_id,
+                "r",
+                dsync_client::LockMode::Exclusive,
+                Some(Duration::from_secs(20)),
+            )
+            .await
+        }
+    });
+    let t0 = Instant::now();
+    while c.servers[&l].locks.state.read().waiters.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A leadership transfer: the former leader learns of the new one at
+    // once, so the waiting call stays where it is (moving it would have
+    // the former leader withdraw it as abandoned, and it would queue anew).
+    let f = (1..=3).find(|&n| n != l).unwrap();
+    c.servers[&l].locks.group.transfer_leader(f).await.unwrap();
+    while b.conn().current() != c.addrs[&f] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the watch never reported {f}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.release(sa.session_id, held.lock_id, "").await.unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter was never answered")
+        .unwrap()
+        .expect("granted");
+    assert!(granted.fencing_token > held.fencing_token);
+    for s in c.servers.values() {
+        assert!(
+            s.locks.state.read().abandoned.is_empty(),
+            "a call was abandoned"
+        );
+    }
     c.stop().await;
 }
