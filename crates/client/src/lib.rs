@@ -251,10 +251,13 @@ impl Conn {
             // while the channel is set up still moves the attempt.
             let mut moved = self.inner.moved.subscribe();
             let addr = self.current();
-            let attempt = match self.channel(&addr).await {
-                Ok(ch) => self.unless_moved(&addr, &mut moved, f(ch)).await,
-                Err(e) => Err(Some(e)),
+            // Setting up the channel counts as part of the attempt: a dead
+            // replica's name can take a while to fail to resolve.
+            let attempt = async {
+                let ch = self.channel(&addr).await?;
+                f(ch).await
             };
+            let attempt = self.unless_moved(&addr, &mut moved, attempt).await;
             let err = match attempt {
                 Ok(v) => {
                     // Not over a newer leader reported meanwhile.
