@@ -404,6 +404,7 @@ class LeaderChannel:
                     result = self._result(addr, result)
             except _Moved:
                 log.debug("attempt %d on %s moved to a newly elected leader", attempt, addr)
+                maybe_applied = True  # the cancelled attempt may have applied
                 if attempt >= self.max_attempts or time.monotonic() >= deadline:
                     raise errors.make_error(
                         grpc.StatusCode.UNAVAILABLE, f"{addr} stopped leading and no retry is left"

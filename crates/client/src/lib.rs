@@ -43,6 +43,18 @@ pub fn replica_failed(err: &Status) -> bool {
     }
 }
 
+/// Metadata a [`Conn::call`] error carries when an earlier attempt of the
+/// call may have taken effect (it was moved, or its connection broke, or
+/// it timed out): a Release answering LOCK_NOT_FOUND then most likely
+/// found the lock its first attempt released.
+const MAYBE_REPEATED: &str = "dsync-maybe-repeated";
+
+/// True when `err` ended a call one of whose earlier attempts may have
+/// taken effect (see [`Conn::call`]).
+pub fn maybe_repeated(err: &Status) -> bool {
+    err.metadata().contains_key(MAYBE_REPEATED)
+}
+
 /// The longest pause between retries of a call. Elections take 150–300
 /// ms: a client polling at most this far apart finds the new leader
 /// within this much of its election (a replica answers NO_LEADER at once,
@@ -246,6 +258,17 @@ impl Conn {
         self.watch();
         let deadline = Instant::now() + self.inner.opts.retry_for;
         let mut backoff = Duration::from_millis(20);
+        // An earlier attempt may have taken effect.
+        let mut repeated = false;
+        let fail = |mut err: Status, repeated: bool| {
+            if repeated {
+                err.metadata_mut().insert(
+                    MAYBE_REPEATED,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+            }
+            Err(err)
+        };
         loop {
             // Subscribed before choosing the replica: a report that comes
             // while the channel is set up still moves the attempt.
@@ -269,12 +292,18 @@ impl Conn {
                 }
                 // Moves are bounded by elections: always retried, whatever
                 // the deadline (a wait may be older than `retry_for`).
-                Err(None) => continue,
+                Err(None) => {
+                    repeated = true;
+                    continue;
+                }
                 Err(Some(e)) => e,
             };
             if !replica_failed(&err) || Instant::now() >= deadline {
-                return Err(err);
+                return fail(err, repeated);
             }
+            // A refusal with a leader hint (not the leader, no leader) did
+            // nothing; a broken connection or a timeout may have.
+            repeated |= proto::leader_hint(&err).is_none();
             // A hint older than the leader the watches reported names a
             // deposed leader (a lagging replica's view).
             let newest = self.inner.moved.borrow().term;

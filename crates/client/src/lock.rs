@@ -199,7 +199,8 @@ impl LockClient {
         resource: &str,
     ) -> Result<(), Status> {
         let t = self.timeout();
-        self.conn
+        let released = self
+            .conn
             .call(|ch| {
                 let msg = ReleaseRequest {
                     session_id,
@@ -208,8 +209,16 @@ impl LockClient {
                 };
                 async move { LockServiceClient::new(ch).release(req(msg, t)).await }
             })
-            .await?;
-        Ok(())
+            .await;
+        match released {
+            // A retry after an attempt that may have released it.
+            Err(e)
+                if crate::maybe_repeated(&e) && proto::status::reason(&e) == "LOCK_NOT_FOUND" =>
+            {
+                Ok(())
+            }
+            r => r.map(drop),
+        }
     }
 
     pub async fn status(&self, resource: &str) -> Result<GetStatusResponse, Status> {

@@ -356,3 +356,74 @@ async fn a_wait_stays_on_a_former_leader_that_follows_the_new_one() {
     }
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_release_that_finds_the_lock_gone_succeeds() {
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    let direct = c.client();
+    let s = direct
+        .open_session_unmanaged(Duration::from_secs(20), "releaser")
+        .await
+        .unwrap();
+    let g = direct
+        .acquire(s.session_id, "x", dsync_client::LockMode::Exclusive, None)
+        .await
+        .unwrap();
+    // Released already (as a first attempt whose answer was lost would
+    // have): a plain repeat is told LOCK_NOT_FOUND ...
+    direct.release(s.session_id, g.lock_id, "").await.unwrap();
+    let e = direct
+        .release(s.session_id, g.lock_id, "")
+        .await
+        .unwrap_err();
+    assert_eq!(proto::status::reason(&e), "LOCK_NOT_FOUND", "{e:?}");
+    assert!(!dsync_client::maybe_repeated(&e));
+    // ... but a release moved off a hung replica, whose attempt there may
+    // have applied, takes LOCK_NOT_FOUND as done.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (hung_addr, _silent, hung) = scripted(Some(Hung {
+        calls: calls.clone(),
+    }))
+    .await;
+    let (other_addr, events, other) = scripted(None).await;
+    let opts = Options {
+        watch_leader: true,
+        request_timeout: Duration::from_secs(60),
+        ..Options::default()
+    };
+    let client = LockClient::with_options([hung_addr, other_addr], opts).unwrap();
+    let release = tokio::spawn({
+        let client = client.clone();
+        async move { client.release(s.session_id, g.lock_id, "").await }
+    });
+    let t0 = Instant::now();
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "never reached the hung replica"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let term = c.servers[&l].locks.group.status().term;
+    events
+        .send(Ok(WatchLeaderResponse {
+            node_id: 98,
+            leader: Some(LeaderHint {
+                leader_id: l,
+                leader_addr: c.addrs[&l].clone(),
+                group_id: 1,
+                term,
+            }),
+        }))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), release)
+        .await
+        .expect("the release stayed on the hung replica")
+        .unwrap()
+        .expect("LOCK_NOT_FOUND after a moved attempt counts as released");
+    hung.abort();
+    other.abort();
+    c.stop().await;
+}
