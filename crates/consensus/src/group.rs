@@ -163,6 +163,9 @@ pub(crate) struct Driver {
     snapshots_taken: u64,
     snapshots_installed: u64,
     proposals: u64,
+    /// After a restart: when the driver started and the commit index it
+    /// found, until the entries up to it are applied again (logged).
+    replay: Option<(Instant, u64)>,
 }
 
 impl Driver {
@@ -184,6 +187,7 @@ impl Driver {
     ) -> Self {
         let meta = storage.snapshot_metadata();
         let last_snapshot_bytes = snapshot_size(&storage);
+        let commit = storage.hard_state().commit;
         Self {
             group,
             cfg,
@@ -220,6 +224,7 @@ impl Driver {
             snapshots_taken: 0,
             snapshots_installed: 0,
             proposals: 0,
+            replay: Some((Instant::now(), commit)),
         }
     }
 
@@ -578,6 +583,18 @@ impl Driver {
         self.send(msgs);
         self.apply(light.take_committed_entries());
         self.raw.advance_apply();
+        if let Some((started, commit)) = self.replay {
+            if self.applied >= commit {
+                self.replay = None;
+                tracing::info!(
+                    group = self.group,
+                    applied = self.applied,
+                    entries = commit.saturating_sub(self.snapshot_index),
+                    ms = started.elapsed().as_millis() as u64,
+                    "replayed the log up to the commit index found at start"
+                );
+            }
+        }
         let requested = self.storage.take_snapshot_request();
         self.maybe_snapshot(requested);
         self.publish_status();

@@ -141,10 +141,17 @@ impl Node {
         let snap = storage.load_snapshot()?;
         let meta = snap.get_metadata().clone();
         if meta.index > 0 {
+            let started = Instant::now();
             let mut data = snapfile::reader(&snap.data)?;
             sm.restore_from(meta.index, &mut data).map_err(|e| {
                 Error::Storage(format!("restoring group {group} at {}: {e}", meta.index))
             })?;
+            tracing::info!(
+                group,
+                index = meta.index,
+                ms = started.elapsed().as_millis() as u64,
+                "restored the state machine from its snapshot"
+            );
         }
         self.inner.snaps.gc(group, meta.index);
         let raw = RawNode::new(

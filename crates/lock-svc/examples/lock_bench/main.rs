@@ -652,7 +652,9 @@ async fn keepalives(
 /// (a session opens and a held lock shows as held), then the footprint.
 async fn restart_all(dir: &std::path::Path, held: usize) {
     let t0 = Instant::now();
-    let (procs, endpoints) = spawn_replicas(&release_binary("lock-svc"), dir, &[]);
+    // Their restore and replay times (consensus logs them) go to stderr.
+    let logs = [("RUST_LOG", "warn,consensus=info".to_owned())];
+    let (procs, endpoints) = spawn_replicas(&release_binary("lock-svc"), dir, &logs);
     let client = LockClient::connect(endpoints).unwrap();
     let probe = format!("held-{}", held - 1);
     loop {
