@@ -73,6 +73,12 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# A leader watch's own channel: slow pings (replacing the call channels').
+WATCH_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+]
+
 # Substrings of UNAVAILABLE messages that grpc-core produces when it never
 # got a connection, so the request was certainly not sent.
 # How long the replica an attempt is on gets to show, on its own watch, that
@@ -266,12 +272,19 @@ class LeaderChannel:
 
     def _watch_loop(self, addr: str) -> None:
         """Keeps a WatchLeader stream open to ``addr`` until the channel
-        closes, reopening it after failures."""
+        closes, reopening it after failures. The stream has a channel of its
+        own with slow pings: a watch that goes quiet costs nothing (the other
+        replicas' watches report the next leader), so only calls need fast
+        ones."""
+        pause = 0.2
         while not self._closing.is_set():
-            pause = 0.2
+            heard = False
             stream = None
+            slow = dict(WATCH_OPTIONS)
+            options = [o for o in self._options if o[0] not in slow] + WATCH_OPTIONS
+            ch = grpc.insecure_channel(addr, options=options)
             try:
-                stub = admin_pb2_grpc.AdminStub(self.channel(addr))
+                stub = admin_pb2_grpc.AdminStub(ch)
                 stream = stub.WatchLeader(admin_pb2.WatchLeaderRequest())
                 with self._lock:
                     if self._closed:
@@ -279,18 +292,23 @@ class LeaderChannel:
                         return
                     self._streams.add(stream)
                 for ev in stream:
+                    heard = True
                     self._learn(addr, ev.node_id, ev.leader)
             except grpc.RpcError as e:
                 # A build without the watch will not grow one soon.
                 if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     pause = 30.0
-            except (DsyncError, ValueError):
-                return  # the channel closed
+            except ValueError:
+                return  # closed under us
             finally:
                 if stream is not None:
                     with self._lock:
                         self._streams.discard(stream)
+                ch.close()
+            if heard:
+                pause = 0.2
             self._closing.wait(pause)
+            pause = min(pause * 2, 5.0)
 
     def _learn(self, addr: str, node_id: int, hint: common_pb2.LeaderHint) -> None:
         """What the watch on ``addr`` (node ``node_id``) said: a leader of a

@@ -182,6 +182,24 @@ impl Conn {
         if let Some(c) = self.inner.state.lock().channels.get(addr) {
             return Ok(c.clone());
         }
+        // A replica cut off by a partition drops packets silently; HTTP/2
+        // pings notice within ~0.75 s and fail its in-flight calls as
+        // UNAVAILABLE, which `call` retries on another replica.
+        let ch = self
+            .dial(addr, Duration::from_millis(250), Duration::from_millis(500))
+            .await?;
+        self.inner
+            .state
+            .lock()
+            .channels
+            .insert(addr.to_owned(), ch.clone());
+        Ok(ch)
+    }
+
+    /// A new channel to the address `addr` resolves to now, pinging the
+    /// replica every `ping` and giving up on it `timeout` after a ping
+    /// went unanswered.
+    async fn dial(&self, addr: &str, ping: Duration, timeout: Duration) -> Result<Channel, Status> {
         let hostport = addr.trim_start_matches("http://");
         let ip = match hostport.parse::<std::net::SocketAddr>() {
             Ok(sa) => sa,
@@ -199,18 +217,10 @@ impl Conn {
             .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
             .connect_timeout(self.inner.opts.connect_timeout)
             .tcp_nodelay(true)
-            // A replica cut off by a partition drops packets silently; HTTP/2
-            // pings notice within ~0.75 s and fail its in-flight calls as
-            // UNAVAILABLE, which `call` retries on another replica.
-            .http2_keep_alive_interval(Duration::from_millis(250))
-            .keep_alive_timeout(Duration::from_millis(500))
+            .http2_keep_alive_interval(ping)
+            .keep_alive_timeout(timeout)
             .keep_alive_while_idle(true)
             .connect_lazy();
-        self.inner
-            .state
-            .lock()
-            .channels
-            .insert(addr.to_owned(), ch.clone());
         Ok(ch)
     }
 
@@ -509,14 +519,8 @@ async fn watch_leader(
         let wait = match ended {
             // A build without the watch will not grow one soon.
             Err(e) if e.code() == Code::Unimplemented => Duration::from_secs(30),
-            Err(_) => {
-                // Re-resolve next time: a restarted replica may have moved.
-                if let Some(inner) = inner.upgrade() {
-                    inner.state.lock().channels.remove(&endpoint);
-                }
-                pause
-            }
-            Ok(()) => pause,
+            // Each stream dials anew (a restarted replica may have moved).
+            Err(_) | Ok(()) => pause,
         };
         pause = (pause * 2).min(Duration::from_secs(5));
         tokio::select! {
@@ -528,6 +532,10 @@ async fn watch_leader(
 
 /// One `WatchLeader` stream on `endpoint`, until it ends; `heard` is set
 /// once it delivered a message. Holds the `Conn` only between messages.
+/// The stream has a connection of its own with slow pings: a watch that
+/// goes quiet costs nothing (the other replicas' watches report the next
+/// leader), so only calls need the fast ones, and a client's idle
+/// connections to followers stay nearly silent.
 async fn follow_leader(
     inner: &Weak<Inner>,
     endpoint: &str,
@@ -537,7 +545,8 @@ async fn follow_leader(
     let conn = Conn {
         inner: inner.upgrade().ok_or_else(|| Status::cancelled("closed"))?,
     };
-    let ch = conn.channel(endpoint).await?;
+    let slow = Duration::from_secs(5);
+    let ch = conn.dial(endpoint, slow, slow).await?;
     drop(conn);
     let req = proto::admin::v1::WatchLeaderRequest { group_id: 0 };
     let mut events = AdminClient::new(ch).watch_leader(req).await?.into_inner();
