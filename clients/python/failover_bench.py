@@ -93,12 +93,7 @@ def main() -> None:
                         f"{first * 1000:.0f} ms, longest gap {longest * 1000:.0f} ms",
                         flush=True,
                     )
-                    deadline = time.monotonic() + 30
-                    while time.monotonic() < deadline:
-                        st = c.admin_status(leader, timeout=1.0)
-                        if st is not None and st.healthy:
-                            break
-                        time.sleep(0.2)
+                    c.wait_healthy(leader)
             stop.set()
             for t in threads:
                 t.join(timeout=20)

@@ -110,6 +110,16 @@ class Cluster:
             except grpc.RpcError:
                 return None
 
+    def wait_healthy(self, i: int, timeout: float = 30.0) -> None:
+        """Until replica ``i`` says it is healthy (a member that knows a leader)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.admin_status(i, timeout=1.0)
+            if st is not None and st.healthy:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"replica {i + 1} never became healthy\n{self.logs()}")
+
     def leader_index(self, timeout: float = 15.0, exclude: tuple[int, ...] = ()) -> int:
         """The index of the replica that says it leads (polls, bounded)."""
         deadline = time.monotonic() + timeout

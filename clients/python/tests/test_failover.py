@@ -96,14 +96,7 @@ def test_session_and_lock_survive_leader_kill(make_cluster: Callable[[], Cluster
 
             # Restart the killed replica (same port and data dir); it catches up.
             c.start(leader)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                st = c.admin_status(leader, timeout=1.0)
-                if st is not None and st.healthy:
-                    break
-                time.sleep(0.2)
-            else:
-                raise AssertionError(f"restarted replica never became healthy\n{c.logs()}")
+            c.wait_healthy(leader)
             with Client([c.addrs[leader]]) as direct:
                 assert list(direct.status("py/failover").holders) == []
                 assert {holder.id, waiter.id} <= {s.session_id for s in direct.list_sessions()}

@@ -150,17 +150,29 @@ impl LockClient {
             .into_inner())
     }
 
+    /// Closes a session. A retry after an attempt that may have closed it
+    /// (see [`crate::maybe_repeated`]) that finds it gone answers Ok with
+    /// zero counts: what the first attempt released is not known.
     pub async fn close_session(&self, session_id: u64) -> Result<CloseSessionResponse, Status> {
         let t = self.timeout();
-        Ok(self
+        let closed = self
             .conn
             .call(|ch| async move {
                 LockServiceClient::new(ch)
                     .close_session(req(CloseSessionRequest { session_id }, t))
                     .await
             })
-            .await?
-            .into_inner())
+            .await;
+        match closed {
+            Ok(r) => Ok(r.into_inner()),
+            Err(e)
+                if crate::maybe_repeated(&e)
+                    && proto::status::reason(&e) == "SESSION_NOT_FOUND" =>
+            {
+                Ok(CloseSessionResponse::default())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Acquires with a wait (`None` = the server default of 30 s, zero =

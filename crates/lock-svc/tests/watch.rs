@@ -226,19 +226,28 @@ async fn scripted(hung: Option<Hung>) -> (String, Events, tokio::task::JoinHandl
     (addr, events, server)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
-    let c = Cluster::start().await;
-    let l = c.leader().await;
-    // The hung replica, whose watch never says anything, and another
-    // replica whose watch says what the test sends it.
+/// Runs `call` with a client whose first endpoint is a hung replica (its
+/// lock service takes calls and never answers; its watch says nothing) and
+/// whose second is a scripted one; once the hung replica holds the call,
+/// the scripted one reports `l` elected in its current term, which the
+/// hung one does not show. Answers the call's result (within 20 s) and how
+/// many calls the hung replica took.
+async fn moved_off_a_hung_replica<T, Fut>(
+    c: &Cluster,
+    l: u64,
+    call: impl FnOnce(LockClient) -> Fut,
+) -> (Result<T, Status>, usize)
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+{
     let calls = Arc::new(AtomicUsize::new(0));
     let (hung_addr, _silent, hung) = scripted(Some(Hung {
         calls: calls.clone(),
     }))
     .await;
     let (other_addr, events, other) = scripted(None).await;
-    // The client calls the hung replica first, and would wait a minute on it.
+    // On the hung replica alone, the call would wait a minute.
     let opts = Options {
         watch_leader: true,
         request_timeout: Duration::from_secs(60),
@@ -246,14 +255,7 @@ async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
         ..Options::default()
     };
     let client = LockClient::with_options([hung_addr, other_addr], opts).unwrap();
-    let call = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .open_session_unmanaged(Duration::from_secs(10), "moved")
-                .await
-        }
-    });
+    let running = tokio::spawn(call(client));
     let t0 = Instant::now();
     while calls.load(Ordering::SeqCst) == 0 {
         assert!(
@@ -262,8 +264,6 @@ async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The other replica reports an election the hung one does not show:
-    // the call moves to the new leader.
     let term = c.servers[&l].locks.group.status().term;
     events
         .send(Ok(WatchLeaderResponse {
@@ -277,20 +277,33 @@ async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
         }))
         .await
         .unwrap();
-    let s = tokio::time::timeout(Duration::from_secs(20), call)
+    let result = tokio::time::timeout(Duration::from_secs(20), running)
         .await
         .expect("the call stayed on the hung replica")
-        .unwrap()
-        .expect("served by the reported leader");
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+        .unwrap();
+    hung.abort();
+    other.abort();
+    (result, calls.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    let (opened, calls) = moved_off_a_hung_replica(&c, l, |client| async move {
+        client
+            .open_session_unmanaged(Duration::from_secs(10), "moved")
+            .await
+    })
+    .await;
+    let s = opened.expect("served by the reported leader");
+    assert_eq!(calls, 1);
     assert!(c.servers[&l]
         .locks
         .state
         .read()
         .sessions
         .contains_key(&s.session_id));
-    hung.abort();
-    other.abort();
     c.stop().await;
 }
 
@@ -381,49 +394,10 @@ async fn a_moved_release_that_finds_the_lock_gone_succeeds() {
     assert!(!dsync_client::maybe_repeated(&e));
     // ... but a release moved off a hung replica, whose attempt there may
     // have applied, takes LOCK_NOT_FOUND as done.
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (hung_addr, _silent, hung) = scripted(Some(Hung {
-        calls: calls.clone(),
-    }))
+    let (released, _) = moved_off_a_hung_replica(&c, l, |client| async move {
+        client.release(s.session_id, g.lock_id, "").await
+    })
     .await;
-    let (other_addr, events, other) = scripted(None).await;
-    let opts = Options {
-        watch_leader: true,
-        request_timeout: Duration::from_secs(60),
-        ..Options::default()
-    };
-    let client = LockClient::with_options([hung_addr, other_addr], opts).unwrap();
-    let release = tokio::spawn({
-        let client = client.clone();
-        async move { client.release(s.session_id, g.lock_id, "").await }
-    });
-    let t0 = Instant::now();
-    while calls.load(Ordering::SeqCst) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "never reached the hung replica"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let term = c.servers[&l].locks.group.status().term;
-    events
-        .send(Ok(WatchLeaderResponse {
-            node_id: 98,
-            leader: Some(LeaderHint {
-                leader_id: l,
-                leader_addr: c.addrs[&l].clone(),
-                group_id: 1,
-                term,
-            }),
-        }))
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(20), release)
-        .await
-        .expect("the release stayed on the hung replica")
-        .unwrap()
-        .expect("LOCK_NOT_FOUND after a moved attempt counts as released");
-    hung.abort();
-    other.abort();
+    released.expect("LOCK_NOT_FOUND after a moved attempt counts as released");
     c.stop().await;
 }
