@@ -64,6 +64,9 @@ struct Row {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    pairs: u64,
+    /// CPU (user + system) the three server processes spent per pair, µs.
+    cpu_us_per_pair: f64,
 }
 
 impl Row {
@@ -73,7 +76,18 @@ impl Row {
             p50_ms: ms(all, 0.5),
             p99_ms: ms(all, 0.99),
             errors,
+            pairs: all.len(),
+            cpu_us_per_pair: 0.0,
         }
+    }
+
+    /// `row`, with the CPU the server processes `procs` spent on it.
+    async fn measured(procs: &Procs, row: impl std::future::Future<Output = Row>) -> Row {
+        let used = || -> Duration { procs.0.iter().map(|p| keepalive::cpu(p.id())).sum() };
+        let before = used();
+        let mut r = row.await;
+        r.cpu_us_per_pair = (used() - before).as_micros() as f64 / r.pairs.max(1) as f64;
+        r
     }
 }
 
@@ -446,19 +460,11 @@ async fn main() {
     let mut rows = Vec::new();
     for hot in [false, true] {
         for &n in &args.clients {
-            rows.push((
-                n,
-                hot,
-                false,
-                dsync_row(&conns, n, hot, args.seconds, false).await,
-            ));
+            let row = dsync_row(&conns, n, hot, args.seconds, false);
+            rows.push((n, hot, false, Row::measured(&_replicas, row).await));
             if args.stream {
-                rows.push((
-                    n,
-                    hot,
-                    true,
-                    dsync_row(&conns, n, hot, args.seconds, true).await,
-                ));
+                let row = dsync_row(&conns, n, hot, args.seconds, true);
+                rows.push((n, hot, true, Row::measured(&_replicas, row).await));
             }
         }
     }
@@ -484,16 +490,17 @@ async fn main() {
         }
         for hot in [false, true] {
             for &n in &args.clients {
-                etcd_rows.push(etcd_row(&chans, n, hot, args.seconds).await);
+                let row = etcd_row(&chans, n, hot, args.seconds);
+                etcd_rows.push(Row::measured(&_etcd, row).await);
             }
         }
     } else if args.etcd != "off" {
         println!("(etcd not installed: no etcd rows; `apt-get install etcd-server`)");
     }
     println!(
-        "| clients | resources | dsync pairs/s (p50, p99 ms) | errors | etcd pairs/s (p50, p99 ms) | errors | ratio |"
+        "| clients | resources | dsync pairs/s (p50, p99 ms) | errors | etcd pairs/s (p50, p99 ms) | errors | ratio | server CPU per pair, dsync / etcd |"
     );
-    println!("|---:|---|---|---:|---|---:|---:|");
+    println!("|---:|---|---|---:|---|---:|---:|---|");
     let mut etcd_of = std::collections::HashMap::new();
     let mut k = 0;
     for hot in [false, true] {
@@ -513,8 +520,9 @@ async fn main() {
             ),
             None => ("—".into(), "—".into()),
         };
+        let e_cpu = e_row.map_or("—".into(), |e| format!("{:.0} µs", e.cpu_us_per_pair));
         println!(
-            "| {n} | {}{} | {:.0} ({:.1}, {:.1}) | {} | {e} | {} | {ratio} |",
+            "| {n} | {}{} | {:.0} ({:.1}, {:.1}) | {} | {e} | {} | {ratio} | {:.0} µs / {e_cpu} |",
             if *hot { "10 hot" } else { "distinct" },
             if *stream { ", stream" } else { "" },
             d.pairs_per_s,
@@ -522,6 +530,7 @@ async fn main() {
             d.p99_ms,
             d.errors,
             e_row.map_or(0, |e| e.errors),
+            d.cpu_us_per_pair,
         );
     }
 }
