@@ -263,10 +263,12 @@ impl Node {
 
 impl Inbound for Node {
     fn deliver(&self, group: u64, mut msg: Message) {
-        let Some(g) = self.group(group) else { return };
         // A snapshot file of another node's directory (the in-memory test
         // network passes descriptors as they are): copy it in first.
         if let Some(path) = snapfile::file_of(&msg.get_snapshot().data) {
+            if !self.inner.groups.read().contains_key(&group) {
+                return;
+            }
             if !self.inner.snaps.contains(&path) {
                 match self.inner.snaps.import(group, msg.from, &path) {
                     Ok(local) => msg.mut_snapshot().data = snapfile::descriptor(&local).into(),
@@ -277,7 +279,11 @@ impl Inbound for Node {
                 }
             }
         }
-        g.step(msg);
+        // Stepped under the read lock rather than through a cloned handle:
+        // this runs for every Raft message.
+        if let Some(g) = self.inner.groups.read().get(&group) {
+            g.step(msg);
+        }
     }
 
     fn snapshot_dir(&self) -> Option<SnapDir> {
