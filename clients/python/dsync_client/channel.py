@@ -45,6 +45,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
 
@@ -185,6 +186,9 @@ class LeaderChannel:
         self._terms: dict[str, int] = {}  # newest term each endpoint's watch reported
         self._moves = 0  # bumped at each such report
         self._waiting: set[threading.Event] = set()  # attempts in flight
+        # A channel nobody closed still ends its watches once collected
+        # (the watch threads hold it only weakly).
+        weakref.finalize(self, _end_watches, self._closing, self._streams)
 
     # --- routing state -------------------------------------------------------
 
@@ -241,9 +245,20 @@ class LeaderChannel:
             if self._endpoints[self._next % len(self._endpoints)] == addr:
                 self._next += 1
 
-    def _served(self, addr: str) -> None:
+    def _route(self) -> tuple[str, int]:
+        """Where the next attempt goes, and how many moves the watches had
+        reported then."""
         with self._lock:
-            self._leader = addr
+            addr = self._leader or self._endpoints[self._next % len(self._endpoints)]
+            return addr, self._moves
+
+    def _served(self, addr: str, moves: int) -> None:
+        """``addr`` answered: it leads, unless a watch reported a newer
+        leader since the attempt started (a former leader answering after
+        a transfer)."""
+        with self._lock:
+            if self._moves == moves or self._leader is None:
+                self._leader = addr
 
     def close(self) -> None:
         with self._lock:
@@ -268,47 +283,8 @@ class LeaderChannel:
             new = [e for e in self._endpoints if e not in self._watched]
             self._watched.update(new)
         for addr in new:
-            threading.Thread(target=self._watch_loop, args=(addr,), name=f"dsync-watch-{addr}", daemon=True).start()
-
-    def _watch_loop(self, addr: str) -> None:
-        """Keeps a WatchLeader stream open to ``addr`` until the channel
-        closes, reopening it after failures. The stream has a channel of its
-        own with slow pings: a watch that goes quiet costs nothing (the other
-        replicas' watches report the next leader), so only calls need fast
-        ones."""
-        pause = 0.2
-        while not self._closing.is_set():
-            heard = False
-            stream = None
-            slow = dict(WATCH_OPTIONS)
-            options = [o for o in self._options if o[0] not in slow] + WATCH_OPTIONS
-            ch = grpc.insecure_channel(addr, options=options)
-            try:
-                stub = admin_pb2_grpc.AdminStub(ch)
-                stream = stub.WatchLeader(admin_pb2.WatchLeaderRequest())
-                with self._lock:
-                    if self._closed:
-                        stream.cancel()
-                        return
-                    self._streams.add(stream)
-                for ev in stream:
-                    heard = True
-                    self._learn(addr, ev.node_id, ev.leader)
-            except grpc.RpcError as e:
-                # A build without the watch will not grow one soon.
-                if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    pause = 30.0
-            except ValueError:
-                return  # closed under us
-            finally:
-                if stream is not None:
-                    with self._lock:
-                        self._streams.discard(stream)
-                ch.close()
-            if heard:
-                pause = 0.2
-            self._closing.wait(pause)
-            pause = min(pause * 2, 5.0)
+            args = (weakref.ref(self), addr, self._closing, self._streams, self._lock, self._options)
+            threading.Thread(target=_watch_loop, args=args, name=f"dsync-watch-{addr}", daemon=True).start()
 
     def _learn(self, addr: str, node_id: int, hint: common_pb2.LeaderHint) -> None:
         """What the watch on ``addr`` (node ``node_id``) said: a leader of a
@@ -344,7 +320,7 @@ class LeaderChannel:
             ev.set()
         self._start_watches()
 
-    def _result(self, addr: str, fut: grpc.Future) -> object:
+    def _result(self, addr: str, fut: grpc.Future, moves: int) -> object:
         """Waits for an attempt started with ``.future()``; raises
         :class:`_Moved` (having cancelled it) when a watch reports a newer
         leader than ``addr`` meanwhile and ``addr``'s own watch does not show
@@ -353,8 +329,8 @@ class LeaderChannel:
             return fut.result()
         wake = threading.Event()
         with self._lock:
-            moves = self._moves
             self._waiting.add(wake)
+        wake.set()  # a move may have come since the attempt was routed
         fut.add_done_callback(lambda _: wake.set())
         try:
             while True:
@@ -371,7 +347,11 @@ class LeaderChannel:
                 # answers the calls it has.
                 time.sleep(MOVE_GRACE)
                 with self._lock:
-                    alive = self._terms.get(addr, 0) >= term
+                    # A replica whose watch never reported (not connected
+                    # yet, or an alias of the leader) is left to the call's
+                    # own failure: only one that went quiet is taken for gone.
+                    seen = self._terms.get(addr)
+                    alive = seen is None or seen >= term
                 if not alive and fut.cancel():
                     raise _Moved()
                 wake.set()  # look at the future (and newer moves) again
@@ -414,12 +394,12 @@ class LeaderChannel:
         maybe_applied = False  # an earlier attempt may have taken effect
         while True:
             attempt += 1
-            addr = self.current()
+            addr, moves = self._route()
             remaining = deadline - time.monotonic()
             try:
                 result = invoke(self.channel(addr), max(0.001, min(timeout, remaining)))
                 if isinstance(result, grpc.Future):
-                    result = self._result(addr, result)
+                    result = self._result(addr, result, moves)
             except _Moved:
                 log.debug("attempt %d on %s moved to a newly elected leader", attempt, addr)
                 maybe_applied = True  # the cancelled attempt may have applied
@@ -435,7 +415,7 @@ class LeaderChannel:
                     raise errors.make_error(grpc.StatusCode.CANCELLED, "client is closed") from e
                 raise
             else:
-                self._served(addr)
+                self._served(addr, moves)
                 return result
 
             v = self._decide(addr, err, safe_to_repeat, waits)
@@ -484,3 +464,63 @@ class LeaderChannel:
                 return Verdict(retry=True, pause=True)
             return Verdict(retry=safe_to_repeat, pause=True, maybe_applied=True)
         return Verdict(retry=False, pause=False)
+
+
+def _end_watches(closing: threading.Event, streams: set[grpc.Future]) -> None:
+    """Stops a channel's watch threads (at close, or once it is collected).
+    Takes no lock: it may run in the garbage collector on any thread."""
+    closing.set()
+    for st in list(streams):
+        st.cancel()
+
+
+def _watch_loop(
+    owner: weakref.ref[LeaderChannel],
+    addr: str,
+    closing: threading.Event,
+    streams: set[grpc.Future],
+    lock: threading.Lock,
+    options: list[tuple[str, int]],
+) -> None:
+    """Keeps a WatchLeader stream open to ``addr`` while its channel lives
+    and is not closed, reopening it after failures (backing off from 0.2 to
+    5 s). Holds the channel only while handing it a message. The stream has
+    a connection of its own with slow pings: a watch that goes quiet costs
+    nothing (the other replicas' watches report the next leader), so only
+    calls need fast ones."""
+    slow = dict(WATCH_OPTIONS)
+    watch_options = [o for o in options if o[0] not in slow] + WATCH_OPTIONS
+    pause = 0.2
+    while not closing.is_set():
+        heard = False
+        stream = None
+        ch = grpc.insecure_channel(addr, options=watch_options)
+        try:
+            stream = admin_pb2_grpc.AdminStub(ch).WatchLeader(admin_pb2.WatchLeaderRequest())
+            with lock:
+                if closing.is_set():
+                    stream.cancel()
+                    return
+                streams.add(stream)
+            for ev in stream:
+                heard = True
+                chan = owner()
+                if chan is None:
+                    return
+                chan._learn(addr, ev.node_id, ev.leader)
+                del chan
+        except grpc.RpcError as e:
+            # A build without the watch will not grow one soon.
+            if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                pause = 30.0
+        except Exception:
+            log.warning("leader watch on %s failed; reopening it", addr, exc_info=True)
+        finally:
+            if stream is not None:
+                with lock:
+                    streams.discard(stream)
+            ch.close()
+        if heard:
+            pause = 0.2
+        closing.wait(pause)
+        pause = min(pause * 2, 5.0)

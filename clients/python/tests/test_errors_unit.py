@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -289,3 +290,18 @@ def test_a_watch_moves_a_call_in_flight_to_a_newer_leader() -> None:
         assert ch.leader == "127.0.0.1:7"
     finally:
         ch.close()
+
+
+def test_an_unclosed_channel_ends_its_watches_once_collected() -> None:
+    def watches() -> int:
+        return sum(t.name.startswith("dsync-watch-127.0.0.1:5") for t in threading.enumerate())
+
+    ch = LeaderChannel(["127.0.0.1:5"], watch_leader=True)
+    ch._start_watches()
+    assert watches() == 1
+    del ch
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while watches() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert watches() == 0

@@ -44,8 +44,9 @@ pub fn replica_failed(err: &Status) -> bool {
 }
 
 /// Metadata a [`Conn::call`] error carries when an earlier attempt of the
-/// call may have taken effect (it was moved, or its connection broke, or
-/// it timed out): a Release answering LOCK_NOT_FOUND then most likely
+/// call may have taken effect (it reached a replica and was moved, broke
+/// mid-call, timed out, or its outcome is unknown — not one refused or
+/// never connected): a Release answering LOCK_NOT_FOUND then most likely
 /// found the lock its first attempt released.
 const MAYBE_REPEATED: &str = "dsync-maybe-repeated";
 
@@ -53,6 +54,21 @@ const MAYBE_REPEATED: &str = "dsync-maybe-repeated";
 /// taken effect (see [`Conn::call`]).
 pub fn maybe_repeated(err: &Status) -> bool {
     err.metadata().contains_key(MAYBE_REPEATED)
+}
+
+/// True when a failed attempt certainly took no effect: refused before it
+/// was proposed (a leader hint: not the leader, no leader; not applied;
+/// overloaded; a session still expiring), or never connected.
+fn certainly_not_applied(err: &Status) -> bool {
+    let refused = matches!(
+        proto::status::reason(err).as_str(),
+        "NOT_LEADER" | "NO_LEADER" | "NOT_APPLIED" | "OVERLOADED" | "SESSION_EXPIRING"
+    );
+    let m = err.message();
+    let unconnected = m.contains("tcp connect error")
+        || m.contains("error trying to connect")
+        || m.contains("Connection refused");
+    refused || unconnected || proto::leader_hint(err).is_some()
 }
 
 /// The longest pause between retries of a call. Elections take 150–300
@@ -283,19 +299,25 @@ impl Conn {
             // Subscribed before choosing the replica: a report that comes
             // while the channel is set up still moves the attempt.
             let mut moved = self.inner.moved.subscribe();
+            let term_then = moved.borrow().term;
             let addr = self.current();
             // Setting up the channel counts as part of the attempt: a dead
-            // replica's name can take a while to fail to resolve.
+            // replica's name can take a while to fail to resolve. Only
+            // what follows it can have reached the replica.
+            let sent = std::sync::atomic::AtomicBool::new(false);
             let attempt = async {
                 let ch = self.channel(&addr).await?;
+                sent.store(true, std::sync::atomic::Ordering::Relaxed);
                 f(ch).await
             };
             let attempt = self.unless_moved(&addr, &mut moved, attempt).await;
+            let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
             let err = match attempt {
                 Ok(v) => {
-                    // Not over a newer leader reported meanwhile.
-                    let newer = moved.has_changed().unwrap_or(false) && moved.borrow().addr != addr;
-                    if !newer {
+                    // Not over a newer leader reported meanwhile (a former
+                    // leader that answered after a transfer).
+                    let now = self.inner.moved.borrow().clone();
+                    if now.term == term_then || now.addr == addr {
                         self.inner.state.lock().leader = Some(addr);
                     }
                     return Ok(v);
@@ -303,7 +325,7 @@ impl Conn {
                 // Moves are bounded by elections: always retried, whatever
                 // the deadline (a wait may be older than `retry_for`).
                 Err(None) => {
-                    repeated = true;
+                    repeated |= sent;
                     continue;
                 }
                 Err(Some(e)) => e,
@@ -311,9 +333,7 @@ impl Conn {
             if !replica_failed(&err) || Instant::now() >= deadline {
                 return fail(err, repeated);
             }
-            // A refusal with a leader hint (not the leader, no leader) did
-            // nothing; a broken connection or a timeout may have.
-            repeated |= proto::leader_hint(&err).is_none();
+            repeated |= sent && !certainly_not_applied(&err);
             // A hint older than the leader the watches reported names a
             // deposed leader (a lagging replica's view).
             let newest = self.inner.moved.borrow().term;
@@ -350,8 +370,11 @@ impl Conn {
                     continue;
                 }
                 tokio::time::sleep(MOVE_GRACE).await;
+                // A replica whose watch never reported (not connected yet,
+                // or an alias of the leader) is left to the call's own
+                // failure: only one that went quiet is taken for gone.
                 let seen = self.inner.state.lock().terms.get(addr).copied();
-                if seen.unwrap_or(0) < newer.term {
+                if seen.is_some_and(|t| t < newer.term) {
                     return;
                 }
             }
@@ -376,10 +399,13 @@ impl Conn {
             return;
         };
         let mut s = self.inner.state.lock();
-        for e in s.endpoints.clone() {
-            if s.watched.get(&e).is_some_and(|h| !h.is_finished()) {
-                continue;
-            }
+        let unwatched: Vec<String> = s
+            .endpoints
+            .iter()
+            .filter(|e| !s.watched.get(*e).is_some_and(|h| !h.is_finished()))
+            .cloned()
+            .collect();
+        for e in unwatched {
             let task = rt.spawn(watch_leader(
                 Arc::downgrade(&self.inner),
                 self.inner.alive.subscribe(),

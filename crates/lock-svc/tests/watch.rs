@@ -242,11 +242,22 @@ where
     Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
 {
     let calls = Arc::new(AtomicUsize::new(0));
-    let (hung_addr, _silent, hung) = scripted(Some(Hung {
+    let (hung_addr, hung_events, hung) = scripted(Some(Hung {
         calls: calls.clone(),
     }))
     .await;
     let (other_addr, events, other) = scripted(None).await;
+    // The hung replica's watch said something once (a replica never heard
+    // from is not taken for gone), then fell silent.
+    let term = c.servers[&l].locks.group.status().term;
+    let older = WatchLeaderResponse {
+        node_id: 98,
+        leader: Some(LeaderHint {
+            term: term - 1,
+            ..LeaderHint::default()
+        }),
+    };
+    hung_events.send(Ok(older)).await.unwrap();
     // On the hung replica alone, the call would wait a minute.
     let opts = Options {
         watch_leader: true,
@@ -264,7 +275,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let term = c.servers[&l].locks.group.status().term;
     events
         .send(Ok(WatchLeaderResponse {
             node_id: 99,
