@@ -402,7 +402,7 @@ impl Conn {
         let unwatched: Vec<String> = s
             .endpoints
             .iter()
-            .filter(|e| !s.watched.get(*e).is_some_and(|h| !h.is_finished()))
+            .filter(|e| s.watched.get(*e).is_none_or(|h| h.is_finished()))
             .cloned()
             .collect();
         for e in unwatched {
