@@ -92,6 +92,9 @@ pub struct Options {
     /// (lock-svc: [`LockClient::connect`] turns it on); every call made
     /// through [`Conn::call`] must then be safe to repeat.
     pub watch_leader: bool,
+    /// How long the replica a call is on gets to report, on its own watch,
+    /// a newer leader's term before the call moves ([`MOVE_GRACE`]).
+    pub move_grace: Duration,
 }
 
 impl Default for Options {
@@ -101,6 +104,7 @@ impl Default for Options {
             retry_for: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             watch_leader: false,
+            move_grace: MOVE_GRACE,
         }
     }
 }
@@ -115,7 +119,7 @@ pub struct Conn {
 /// it follows a newer leader reported elsewhere before the call moves: a
 /// live former leader (a leadership transfer) still applies the log and
 /// answers its calls, so only a dead or cut-off one loses them.
-const MOVE_GRACE: Duration = Duration::from_millis(100);
+pub const MOVE_GRACE: Duration = Duration::from_millis(100);
 
 /// The newest leader the watches reported.
 #[derive(Debug, Clone, Default)]
@@ -352,7 +356,7 @@ impl Conn {
 
     /// `attempt` on `addr`, abandoned (`Err(None)`) when the watches report
     /// a newer leader elsewhere and `addr` does not show within
-    /// [`MOVE_GRACE`] that it follows it too (it is dead, hung or cut off):
+    /// [`Options::move_grace`] that it follows it too (it is dead, hung or cut off):
     /// the caller retries at the new leader at once.
     async fn unless_moved<T>(
         &self,
@@ -369,7 +373,7 @@ impl Conn {
                 if newer.addr == addr {
                     continue;
                 }
-                tokio::time::sleep(MOVE_GRACE).await;
+                tokio::time::sleep(self.inner.opts.move_grace).await;
                 // A replica whose watch never reported (not connected yet,
                 // or an alias of the leader) is left to the call's own
                 // failure: only one that went quiet is taken for gone.

@@ -321,7 +321,15 @@ async fn a_call_stuck_on_a_silent_leader_moves_when_another_is_reported() {
 async fn a_wait_stays_on_a_former_leader_that_follows_the_new_one() {
     let c = Cluster::start().await;
     let l = c.leader().await;
-    let (a, b) = (c.client(), c.client());
+    // A generous grace: the former leader's report of the new term may be
+    // slow on a loaded machine; what is tested is that it keeps the call.
+    let opts = Options {
+        watch_leader: true,
+        move_grace: Duration::from_secs(3),
+        ..Options::default()
+    };
+    let a = c.client();
+    let b = LockClient::with_options(c.endpoints(), opts).unwrap();
     let sa = a
         .open_session_unmanaged(Duration::from_secs(20), "holder")
         .await
