@@ -44,15 +44,20 @@ pub fn healthy(node: &Node) -> bool {
         })
 }
 
+/// Where the replicas reach node `id`, as replica `node` (advertising
+/// `advertise`) knows it: its own advertise address, else its peer address
+/// (empty when unknown).
+fn node_addr(node: &Node, advertise: &str, id: u64) -> String {
+    if id == node.id() {
+        advertise.to_owned()
+    } else {
+        node.transport().peer_addr(id).unwrap_or_default()
+    }
+}
+
 impl AdminService {
     fn members(&self, s: &GroupStatus) -> Vec<Member> {
-        let addr = |id: u64| {
-            if id == s.node {
-                self.advertise.clone()
-            } else {
-                self.node.transport().peer_addr(id).unwrap_or_default()
-            }
-        };
+        let addr = |id: u64| node_addr(&self.node, &self.advertise, id);
         s.voters
             .iter()
             .map(|&id| Member {
@@ -117,17 +122,15 @@ impl Admin for AdminService {
             .node
             .group(group)
             .ok_or_else(|| Status::not_found(format!("no Raft group {group} on this replica")))?;
-        let transport = self.node.transport().clone();
-        let (me, advertise) = (self.node.id(), self.advertise.clone());
+        let (node, advertise) = (self.node.clone(), self.advertise.clone());
         let hint = move |v: consensus::LeaderView| WatchLeaderResponse {
-            node_id: me,
+            node_id: node.id(),
             leader: Some(proto::common::v1::LeaderHint {
                 leader_id: v.leader.unwrap_or(0),
-                leader_addr: match v.leader {
-                    Some(l) if l == me => advertise.clone(),
-                    Some(l) => transport.peer_addr(l).unwrap_or_default(),
-                    None => String::new(),
-                },
+                leader_addr: v
+                    .leader
+                    .map(|l| node_addr(&node, &advertise, l))
+                    .unwrap_or_default(),
                 group_id: group,
                 term: v.term,
             }),

@@ -320,8 +320,11 @@ impl Conn {
                 Ok(v) => {
                     // Not over a newer leader reported meanwhile (a former
                     // leader that answered after a transfer).
-                    let now = self.inner.moved.borrow().clone();
-                    if now.term == term_then || now.addr == addr {
+                    let settled = {
+                        let now = self.inner.moved.borrow();
+                        now.term == term_then || now.addr == addr
+                    };
+                    if settled {
                         self.inner.state.lock().leader = Some(addr);
                     }
                     return Ok(v);
