@@ -11,7 +11,7 @@ use proto::lock::v1::*;
 use tonic::Code;
 
 mod common;
-use common::Cluster;
+use common::{eventually, ok_if, Cluster};
 
 fn keep_alive(id: u64) -> KeepAliveRequest {
     KeepAliveRequest {
@@ -259,20 +259,20 @@ async fn a_partitioned_former_leader_renews_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let mut majority = c.raw(l2).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = majority.list_sessions(ListSessionsRequest {}).await;
-        if list.is_ok_and(|l| {
-            l.get_ref()
-                .sessions
-                .iter()
-                .all(|x| x.session_id != s.session_id)
-        }) {
-            break;
+    eventually(Duration::from_secs(10), Duration::from_millis(200), || {
+        let mut majority = majority.clone();
+        async move {
+            let list = majority.list_sessions(ListSessionsRequest {}).await;
+            let gone = list.is_ok_and(|l| {
+                l.get_ref()
+                    .sessions
+                    .iter()
+                    .all(|x| x.session_id != s.session_id)
+            });
+            ok_if(gone, "the session never expired")
         }
-        assert!(Instant::now() < deadline, "the session never expired");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     let e = majority
         .keep_alive(keep_alive(s.session_id))
         .await
@@ -323,11 +323,12 @@ async fn leases_stay_off_until_every_member_runs_a_build_with_them() {
     if l != 3 {
         c.servers[&l].locks.group.transfer_leader(3).await.unwrap();
     }
-    let t0 = Instant::now();
-    while c.leader().await != 3 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no transfer to 3");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { ok_if(c.leader().await == 3, "no transfer to 3") },
+    )
+    .await;
     for _ in 0..8 {
         client.keep_alive(s.session_id).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -340,19 +341,21 @@ async fn leases_stay_off_until_every_member_runs_a_build_with_them() {
     c.kill(3).await;
     c.without_leases.clear();
     c.restart(3).await;
-    let t0 = Instant::now();
-    while !c
-        .servers
-        .values()
-        .all(|x| x.locks.state.read().leases_in_memory)
-    {
-        client.keep_alive(s.session_id).await.unwrap();
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "leases never enabled"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || async {
+            let on = c
+                .servers
+                .values()
+                .all(|x| x.locks.state.read().leases_in_memory);
+            if !on {
+                client.keep_alive(s.session_id).await.unwrap();
+            }
+            ok_if(on, "leases never enabled")
+        },
+    )
+    .await;
     let l = c.leader().await;
     let before = c.servers[&l].locks.group.status().last_index;
     for _ in 0..8 {

@@ -3,13 +3,13 @@
 //! errors that leave the stream open, the stream keeping its session
 //! alive, and waits withdrawn when the stream goes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dsync_client::LockMode;
 use tonic::Code;
 
 mod common;
-use common::Cluster;
+use common::{eventually, ok_if, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_carries_a_sessions_locks_and_keeps_it_alive() {
@@ -76,15 +76,15 @@ async fn a_stream_carries_a_sessions_locks_and_keeps_it_alive() {
     s.release(b.lock_id, "").await.unwrap();
     // Once the stream is gone, nothing renews the session: it expires.
     drop(s);
-    let t0 = Instant::now();
-    loop {
-        let sessions = client.list_sessions().await.unwrap().sessions;
-        if sessions.iter().all(|x| x.session_id != me) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "never expired");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let sessions = client.list_sessions().await.unwrap().sessions;
+            ok_if(sessions.iter().all(|x| x.session_id != me), "never expired")
+        },
+    )
+    .await;
     c.stop().await;
 }
 
@@ -103,26 +103,19 @@ async fn a_closed_stream_withdraws_its_waits() {
                 .await
         })
     };
-    let t0 = Instant::now();
-    while client.status("busy").await.unwrap().waiters.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "never queued");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    queued(&client, "busy").await;
     // The client goes away mid-wait: the stream ends, the wait goes.
     waiting.abort();
     drop(s);
-    let t0 = Instant::now();
-    loop {
-        let st = client.status("busy").await.unwrap();
-        if st.waiters.is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "wait not withdrawn: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let st = client.status("busy").await.unwrap();
+            ok_if(st.waiters.is_empty(), format!("wait not withdrawn: {st:?}"))
+        },
+    )
+    .await;
     g.release().await.unwrap();
     let st = client.status("busy").await.unwrap();
     assert!(st.holders.is_empty(), "{st:?}");
@@ -157,6 +150,19 @@ async fn contended(
 
 /// A raw stream: the attach for `session`, then whatever `rest` holds;
 /// the sender is handed back so the caller decides when to half-close.
+/// Until `resource` has a waiter (within 5 s).
+async fn queued(client: &dsync_client::LockClient, resource: &str) {
+    eventually(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let st = client.status(resource).await.unwrap();
+            ok_if(!st.waiters.is_empty(), "never queued")
+        },
+    )
+    .await;
+}
+
 async fn raw_stream(
     c: &Cluster,
     leader: u64,
@@ -205,18 +211,18 @@ async fn a_silent_stream_does_not_keep_its_session_and_a_half_close_drains() {
         .unwrap()
         .session_id;
     let (_tx, _inbound) = raw_stream(&c, l, quiet).await;
-    let t0 = Instant::now();
-    loop {
-        let sessions = client.list_sessions().await.unwrap().sessions;
-        if sessions.iter().all(|x| x.session_id != quiet) {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "kept alive by silence"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let sessions = client.list_sessions().await.unwrap().sessions;
+            ok_if(
+                sessions.iter().all(|x| x.session_id != quiet),
+                "kept alive by silence",
+            )
+        },
+    )
+    .await;
     // A half-close after an acquire still gets its answer.
     let me = client
         .open_session_unmanaged(Duration::from_secs(10), "closer")
@@ -267,18 +273,16 @@ async fn a_grant_nobody_waits_for_any_more_is_released() {
     assert_eq!(client.status("x").await.unwrap().waiters.len(), 1);
     // … and when it is granted, the stream releases the grant.
     g.release().await.unwrap();
-    let t0 = Instant::now();
-    loop {
-        let st = client.status("x").await.unwrap();
-        if st.holders.is_empty() && st.waiters.is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "orphaned grant kept: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let st = client.status("x").await.unwrap();
+            let gone = st.holders.is_empty() && st.waiters.is_empty();
+            ok_if(gone, format!("orphaned grant kept: {st:?}"))
+        },
+    )
+    .await;
     drop(s);
     c.stop().await;
 }
@@ -305,20 +309,20 @@ async fn a_half_closed_stream_keeps_its_waits_until_it_stops_reading() {
     .unwrap();
     drop(tx);
     // Half-closed but still read: the wait stays.
-    let t0 = Instant::now();
-    while client.status("busy").await.unwrap().waiters.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "never queued");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    queued(&client, "busy").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(client.status("busy").await.unwrap().waiters.len(), 1);
     // The client stops reading (cancels the call): the wait goes.
     drop(inbound);
-    let t0 = Instant::now();
-    while !client.status("busy").await.unwrap().waiters.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "wait not withdrawn");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let st = client.status("busy").await.unwrap();
+            ok_if(st.waiters.is_empty(), "wait not withdrawn")
+        },
+    )
+    .await;
     g.release().await.unwrap();
     c.stop().await;
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use common::Cluster;
+use common::{eventually, ok_if, Cluster};
 use dsync_client::{LockClient, Options};
 use proto::admin::v1::admin_client::AdminClient;
 use proto::admin::v1::admin_server::{Admin, AdminServer};
@@ -114,14 +114,15 @@ async fn a_client_learns_of_a_new_leader_without_a_failed_call() {
     let f = (1..=3).find(|&n| n != l).unwrap();
     c.servers[&l].locks.group.transfer_leader(f).await.unwrap();
     // No call is made meanwhile: the watches alone move the client.
-    let t0 = Instant::now();
-    while client.conn().current() != c.addrs[&f] {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the client never learned of {f}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let learned = client.conn().current() == c.addrs[&f];
+            ok_if(learned, format!("the client never learned of {f}"))
+        },
+    )
+    .await;
     client.keep_alive(s.session_id).await.unwrap();
     c.stop().await;
 }
@@ -267,14 +268,15 @@ where
     };
     let client = LockClient::with_options([hung_addr, other_addr], opts).unwrap();
     let running = tokio::spawn(call(client));
-    let t0 = Instant::now();
-    while calls.load(Ordering::SeqCst) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the call never reached the hung replica"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || async {
+            let reached = calls.load(Ordering::SeqCst) > 0;
+            ok_if(reached, "the call never reached the hung replica")
+        },
+    )
+    .await;
     events
         .send(Ok(WatchLeaderResponse {
             node_id: 99,

@@ -83,15 +83,18 @@ impl Cluster {
 
     /// Waits until every running replica applied `EnableLeases`.
     pub async fn leases_on(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self
-            .servers
-            .values()
-            .all(|s| s.locks.state.read().leases_in_memory)
-        {
-            assert!(Instant::now() < deadline, "leases never enabled");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || async {
+                let on = self
+                    .servers
+                    .values()
+                    .all(|s| s.locks.state.read().leases_in_memory);
+                ok_if(on, "leases never enabled")
+            },
+        )
+        .await;
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -114,5 +117,31 @@ impl Cluster {
         for id in [1, 2, 3] {
             self.kill(id).await;
         }
+    }
+}
+
+/// Polls `check` every `every` until it answers Ok; panics with its last
+/// complaint once `within` has passed. The tests' one bounded wait.
+pub async fn eventually<F, Fut>(within: Duration, every: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Ok when `done`, else `why`: an [`eventually`] check's answer.
+pub fn ok_if(done: bool, why: impl Into<String>) -> Result<(), String> {
+    if done {
+        Ok(())
+    } else {
+        Err(why.into())
     }
 }
