@@ -205,8 +205,7 @@ class LeaderChannel:
             return self._leader
 
     def current(self) -> str:
-        with self._lock:
-            return self._leader or self._endpoints[self._next % len(self._endpoints)]
+        return self._route()[0]
 
     def channel(self, addr: str) -> grpc.Channel:
         """The cached channel to ``addr`` (created on first use)."""
@@ -264,10 +263,7 @@ class LeaderChannel:
         with self._lock:
             self._closed = True
             channels, self._channels = list(self._channels.values()), {}
-            streams = list(self._streams)
-        self._closing.set()
-        for st in streams:
-            st.cancel()
+        _end_watches(self._closing, self._streams)
         for ch in channels:
             ch.close()
 
