@@ -240,24 +240,13 @@ fn bench(args: &[String]) -> Result {
         .ok_or_else(usage)?;
     if *what == "queue" {
         // The bench runs replicas as processes, and JetStream beside them.
-        let mut b = cargo();
-        b.args([
-            "build",
-            "--release",
-            "-p",
-            "queue-svc",
-            "--bin",
-            "queue-svc",
-        ]);
-        run(b)?;
+        build_release("queue-svc")?;
         install_nats_server();
     }
     if *what == "lock" {
         // Three lock-svc processes, and the same rows against etcd when it
         // can be had.
-        let mut b = cargo();
-        b.args(["build", "--release", "-p", "lock-svc", "--bin", "lock-svc"]);
-        run(b)?;
+        build_release("lock-svc")?;
         if let Err(e) = install_deb("etcd", "etcd-server") {
             eprintln!("xtask bench: {e}; etcd rows skipped");
         }
@@ -265,16 +254,7 @@ fn bench(args: &[String]) -> Result {
     if *what == "cache" {
         // Three nodes as processes, with redis-server behind them and
         // alone beside them.
-        let mut b = cargo();
-        b.args([
-            "build",
-            "--release",
-            "-p",
-            "cache-svc",
-            "--bin",
-            "cache-svc",
-        ]);
-        run(b)?;
+        build_release("cache-svc")?;
         install_deb("redis-server", "redis-server")?;
     }
     let mut c = cargo();
@@ -287,9 +267,7 @@ fn bench(args: &[String]) -> Result {
 /// leader process is killed or hung (clients/python/failover_bench.py),
 /// against release `lock-svc` processes.
 fn failover_bench(args: &[String]) -> Result {
-    let mut b = cargo();
-    b.args(["build", "--release", "-p", "lock-svc", "--bin", "lock-svc"]);
-    run(b)?;
+    build_release("lock-svc")?;
     python_test_packages()?;
     let mut py = Command::new("python3");
     py.arg("failover_bench.py")
@@ -300,6 +278,14 @@ fn failover_bench(args: &[String]) -> Result {
             target_dir().join("release").join("lock-svc"),
         );
     run(py)
+}
+
+/// Builds the release binary of the service `name` (package and binary
+/// share the name), which a bench then runs as separate processes.
+fn build_release(name: &str) -> Result {
+    let mut b = cargo();
+    b.args(["build", "--release", "-p", name, "--bin", name]);
+    run(b)
 }
 
 /// Installs Debian's nats-server for the JetStream comparison when it is
