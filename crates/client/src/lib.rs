@@ -33,8 +33,12 @@ pub fn replica_failed(err: &Status) -> bool {
         Code::Unavailable => true,
         // The server noticed this client's per-attempt deadline first.
         Code::DeadlineExceeded => proto::status::reason(err) == "CLIENT_DEADLINE",
-        // tonic reports its client-side timeout as CANCELLED …
-        Code::Cancelled => err.message().contains("Timeout expired"),
+        // tonic reports its client-side timeout as CANCELLED, and so a
+        // stream whose connection closed (the status then carries the
+        // transport's error: no replica sends one) …
+        Code::Cancelled => {
+            err.message().contains("Timeout expired") || std::error::Error::source(err).is_some()
+        }
         // … and a connection that breaks mid-call as UNKNOWN.
         Code::Unknown => {
             err.message().contains("transport error") || err.message().contains("connection")
@@ -285,6 +289,16 @@ impl Conn {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        self.call_on(|ch, _| f(ch)).await
+    }
+
+    /// [`call`](Self::call), telling `f` also the endpoint it runs against
+    /// (for a caller that keeps a stream open there).
+    pub(crate) async fn call_on<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(Channel, String) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         self.watch();
         let deadline = Instant::now() + self.inner.opts.retry_for;
         let mut backoff = Duration::from_millis(20);
@@ -312,7 +326,7 @@ impl Conn {
             let attempt = async {
                 let ch = self.channel(&addr).await?;
                 sent.store(true, std::sync::atomic::Ordering::Relaxed);
-                f(ch).await
+                f(ch, addr.clone()).await
             };
             let attempt = self.unless_moved(&addr, &mut moved, attempt).await;
             let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -361,7 +375,7 @@ impl Conn {
     /// a newer leader elsewhere and `addr` does not show within
     /// [`Options::move_grace`] that it follows it too (it is dead, hung or cut off):
     /// the caller retries at the new leader at once.
-    async fn unless_moved<T>(
+    pub(crate) async fn unless_moved<T>(
         &self,
         addr: &str,
         moved: &mut tokio::sync::watch::Receiver<Leader>,
@@ -394,6 +408,13 @@ impl Conn {
                 Err(None)
             }
         }
+    }
+
+    /// The leader the watches reported last; a receiver taken before a
+    /// call is made and handed to [`unless_moved`](Self::unless_moved)
+    /// while it runs.
+    pub(crate) fn moves(&self) -> tokio::sync::watch::Receiver<Leader> {
+        self.inner.moved.subscribe()
     }
 
     /// Starts a leader watch on every known endpoint without a running one

@@ -13,8 +13,8 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -508,120 +508,261 @@ impl Drop for LockGuard {
 }
 
 type Answer = session_response::Result;
-/// The answers a [`SessionStream`] still owes, by seq; None once closed.
-type Owed = Arc<parking_lot::Mutex<Option<HashMap<u64, oneshot::Sender<Result<Answer, Status>>>>>>;
+type Op = session_request::Op;
+type Reply = oneshot::Sender<Result<Answer, Status>>;
 
 /// One session's acquires and releases on one bidirectional stream to the
 /// leader ([`LockClient::stream`]): no call per operation, and the stream
 /// keeps the session alive (a ping every TTL / 3). Operations may run
-/// concurrently; each is answered by its own sequence number. If the stream
-/// breaks (leader change, replica down) every operation in flight fails
-/// UNAVAILABLE and so do later ones: open a new stream (the session lives
-/// on for its TTL). An acquire whose caller stopped waiting is released
-/// when its grant arrives.
+/// concurrently; each is answered by its own sequence number.
+///
+/// When the stream breaks (a leader change, the leader down, hung or cut
+/// off — noticed from the leader watch as calls are), it is opened again on
+/// the new leader and every operation still unanswered is sent again: an
+/// acquire with its own request id (the leader answers a grant or wait it
+/// already has), a release taking LOCK_NOT_FOUND as done. Operations fail
+/// only when no leader takes the stream within the client's `retry_for`,
+/// or on an error that is the service's answer (the session expired,
+/// say); later ones then fail with the same error. An acquire whose caller
+/// stopped waiting is released when its grant arrives.
 pub struct SessionStream {
     session: u64,
-    tx: mpsc::Sender<SessionRequest>,
-    owed: Owed,
-    next: AtomicU64,
-    reader: tokio::task::JoinHandle<()>,
-    pinger: tokio::task::JoinHandle<()>,
+    ops: mpsc::Sender<(Op, Reply)>,
+    /// Why the stream ended for good, once it has.
+    ended: Arc<parking_lot::Mutex<Option<Status>>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+/// An operation the stream owes an answer for: kept until answered, and
+/// sent again on the next stream if this one breaks first.
+struct Owed {
+    op: Op,
+    reply: Reply,
+    /// Sent on a stream that broke before answering: it may have applied.
+    repeated: bool,
+}
+
+/// A session stream attached on one replica.
+struct Link {
+    addr: String,
+    /// Unbounded: the driver never waits to send (it must keep reading
+    /// answers, or a full stream both ways would stall); the operations
+    /// in flight are the caller's own.
+    tx: mpsc::UnboundedSender<SessionRequest>,
+    inbound: tonic::Streaming<SessionResponse>,
+    ttl: Duration,
+}
+
+/// Opens a session stream for `session_id` on the leader (following hints
+/// and retrying as calls do) and attaches it.
+async fn attach(conn: &Conn, session_id: u64) -> Result<Link, Status> {
+    conn.call_on(|ch, addr| async move {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let attach = SessionRequest {
+            seq: 0,
+            op: Some(Op::Attach(AttachSession { session_id })),
+        };
+        let _ = tx.send(attach);
+        let mut inbound = LockServiceClient::new(ch)
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        match inbound.message().await? {
+            Some(SessionResponse {
+                result: Some(Answer::AttachedTtlMs(ttl)),
+                ..
+            }) => Ok(Link {
+                addr,
+                tx,
+                inbound,
+                ttl: Duration::from_millis(ttl.max(3)),
+            }),
+            Some(SessionResponse {
+                result: Some(Answer::Error(e)),
+                ..
+            }) => Err(op_status(e)),
+            _ => Err(Status::unavailable(
+                "the session stream ended before its attach was answered",
+            )),
+        }
+    })
+    .await
 }
 
 impl LockClient {
     /// Opens a session stream for `session_id` on the leader (following
     /// hints as calls do).
     pub async fn stream(&self, session_id: u64) -> Result<SessionStream, Status> {
-        let (tx, mut inbound, ttl) = self
-            .conn
-            .call(|ch| async move {
-                let (tx, rx) = mpsc::channel(1024);
-                let attach = SessionRequest {
-                    seq: 0,
-                    op: Some(session_request::Op::Attach(AttachSession { session_id })),
-                };
-                let _ = tx.send(attach).await;
-                let mut inbound = LockServiceClient::new(ch)
-                    .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
-                match inbound.message().await? {
-                    Some(SessionResponse {
-                        result: Some(Answer::AttachedTtlMs(ttl)),
-                        ..
-                    }) => Ok((tx, inbound, Duration::from_millis(ttl.max(3)))),
-                    Some(SessionResponse {
-                        result: Some(Answer::Error(e)),
-                        ..
-                    }) => Err(op_status(e)),
-                    _ => Err(Status::unavailable(
-                        "the session stream ended before its attach was answered",
-                    )),
-                }
-            })
-            .await?;
-        let owed: Owed = Arc::new(parking_lot::Mutex::new(Some(HashMap::new())));
-        let reader = {
-            let (owed, tx) = (owed.clone(), tx.clone());
-            tokio::spawn(async move {
-                let end = loop {
-                    match inbound.message().await {
-                        Ok(Some(r)) => {
-                            let waiter = owed.lock().as_mut().and_then(|o| o.remove(&r.seq));
-                            let Some(result) = r.result else { continue };
-                            let unread = match waiter {
-                                Some(w) => w.send(Ok(result)).err().and_then(|r| r.ok()),
-                                None => Some(result),
-                            };
-                            // Nobody waits for this grant any more.
-                            if let Some(Answer::Acquired(a)) = unread {
-                                let op = session_request::Op::Release(ReleaseRequest {
-                                    session_id,
-                                    lock_id: a.lock_id,
-                                    resource: String::new(),
-                                });
-                                let _ = tx.try_send(SessionRequest {
-                                    seq: 0,
-                                    op: Some(op),
-                                });
-                            }
-                        }
-                        Ok(None) => break Status::unavailable("the session stream ended"),
-                        Err(s) => break s,
-                    }
-                };
-                for (_, w) in owed.lock().take().unwrap_or_default() {
-                    let _ = w.send(Err(end.clone()));
-                }
-            })
-        };
-        let pinger = {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(ttl / 3).await;
-                    let ping = session_request::Op::Ping(Ping {});
-                    if tx
-                        .send(SessionRequest {
-                            seq: 0,
-                            op: Some(ping),
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            })
-        };
+        let moves = self.conn.moves();
+        let link = attach(&self.conn, session_id).await?;
+        let (ops, rx) = mpsc::channel(1024);
+        let ended = Arc::new(parking_lot::Mutex::new(None));
+        let driver = tokio::spawn(
+            Driver {
+                conn: self.conn.clone(),
+                session: session_id,
+                owed: BTreeMap::new(),
+                next: 1,
+                ops: rx,
+            }
+            .run(link, moves, ended.clone()),
+        );
         Ok(SessionStream {
             session: session_id,
-            tx,
-            owed,
-            next: AtomicU64::new(1),
-            reader,
-            pinger,
+            ops,
+            ended,
+            driver,
         })
+    }
+}
+
+/// The task behind a [`SessionStream`]: sends its operations, hands out
+/// the answers, pings, and re-attaches on the new leader when the stream
+/// breaks.
+struct Driver {
+    conn: Conn,
+    session: u64,
+    /// Unanswered operations by seq (sent in seq order on a new stream).
+    owed: BTreeMap<u64, Owed>,
+    next: u64,
+    ops: mpsc::Receiver<(Op, Reply)>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut link: Link,
+        mut moves: tokio::sync::watch::Receiver<crate::Leader>,
+        ended: Arc<parking_lot::Mutex<Option<Status>>>,
+    ) {
+        let end = loop {
+            let (conn, addr) = (self.conn.clone(), link.addr.clone());
+            let served = conn
+                .unless_moved(&addr, &mut moves, self.serve(&mut link))
+                .await;
+            let broke = match served {
+                // The SessionStream was dropped.
+                Ok(()) => return,
+                Err(None) => Status::unavailable("a newer leader was elected"),
+                Err(Some(s)) => s,
+            };
+            if !crate::replica_failed(&broke) {
+                break broke;
+            }
+            tracing::debug!(session = self.session, error = %broke, "session stream broke: re-attaching");
+            for o in self.owed.values_mut() {
+                o.repeated = true;
+            }
+            moves = self.conn.moves();
+            link = match attach(&self.conn, self.session).await {
+                Ok(l) => l,
+                Err(e) => break e,
+            };
+            for (&seq, o) in &self.owed {
+                let again = SessionRequest {
+                    seq,
+                    op: Some(o.op.clone()),
+                };
+                // A stream already gone shows in `serve`.
+                let _ = link.tx.send(again);
+            }
+        };
+        // Later operations see why it ended; queued ones are told now.
+        *ended.lock() = Some(end.clone());
+        self.ops.close();
+        while let Ok((_, reply)) = self.ops.try_recv() {
+            let _ = reply.send(Err(end.clone()));
+        }
+        for (_, o) in std::mem::take(&mut self.owed) {
+            let _ = o.reply.send(Err(end.clone()));
+        }
+    }
+
+    /// Runs the stream `link` until it breaks (its error) or the
+    /// [`SessionStream`] is dropped (Ok).
+    async fn serve(&mut self, link: &mut Link) -> Result<(), Status> {
+        let mut ping = tokio::time::interval(link.ttl / 3);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                op = self.ops.recv() => {
+                    let Some((op, reply)) = op else { return Ok(()) };
+                    // Owed before it is sent: if the stream is gone, the
+                    // next one sends it.
+                    let seq = self.owe(op.clone(), reply);
+                    if link.tx.send(SessionRequest { seq, op: Some(op) }).is_err() {
+                        return Err(Status::unavailable("the session stream ended"));
+                    }
+                }
+                msg = link.inbound.message() => match msg {
+                    Ok(Some(r)) => self.answer(r, &link.tx)?,
+                    Ok(None) => return Err(Status::unavailable("the session stream ended")),
+                    Err(s) => return Err(s),
+                },
+                _ = ping.tick() => {
+                    let ping = SessionRequest { seq: 0, op: Some(Op::Ping(Ping {})) };
+                    let _ = link.tx.send(ping);
+                }
+            }
+        }
+    }
+
+    fn owe(&mut self, op: Op, reply: Reply) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.owed.insert(
+            seq,
+            Owed {
+                op,
+                reply,
+                repeated: false,
+            },
+        );
+        seq
+    }
+
+    /// Hands answer `r` to its operation; an error that says the replica
+    /// did not decide it (it is stopping, say) breaks the stream instead,
+    /// and the operation is sent again on the next.
+    fn answer(
+        &mut self,
+        r: SessionResponse,
+        tx: &mpsc::UnboundedSender<SessionRequest>,
+    ) -> Result<(), Status> {
+        let Some(result) = r.result else {
+            return Ok(());
+        };
+        if let Answer::Error(e) = &result {
+            let status = op_status(e.clone());
+            if crate::replica_failed(&status) && self.owed.contains_key(&r.seq) {
+                return Err(status);
+            }
+        }
+        let Some(o) = self.owed.remove(&r.seq) else {
+            return Ok(());
+        };
+        let result = match result {
+            // A release sent again after a broken stream finds the lock its
+            // first send released.
+            Answer::Error(e)
+                if o.repeated && matches!(o.op, Op::Release(_)) && e.reason == "LOCK_NOT_FOUND" =>
+            {
+                Answer::Released(ReleaseResponse {})
+            }
+            other => other,
+        };
+        // Nobody waits for this grant any more: release it (owed like any
+        // operation, so a broken stream sends it again).
+        if let Err(Ok(Answer::Acquired(a))) = o.reply.send(Ok(result)) {
+            let op = Op::Release(ReleaseRequest {
+                session_id: self.session,
+                lock_id: a.lock_id,
+                resource: String::new(),
+            });
+            let seq = self.owe(op.clone(), oneshot::channel().0);
+            let _ = tx.send(SessionRequest { seq, op: Some(op) });
+        }
+        Ok(())
     }
 }
 
@@ -635,34 +776,35 @@ impl SessionStream {
         self.session
     }
 
-    async fn op(&self, op: session_request::Op) -> Result<Answer, Status> {
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+    fn ended(&self) -> Status {
+        self.ended
+            .lock()
+            .clone()
+            .unwrap_or_else(|| Status::unavailable("the session stream ended"))
+    }
+
+    async fn op(&self, op: Op) -> Result<Answer, Status> {
         let (tx, rx) = oneshot::channel();
-        match self.owed.lock().as_mut() {
-            Some(owed) => owed.insert(seq, tx),
-            None => return Err(Status::unavailable("the session stream ended")),
-        };
-        let req = SessionRequest { seq, op: Some(op) };
-        if self.tx.send(req).await.is_err() {
-            return Err(Status::unavailable("the session stream ended"));
+        if self.ops.send((op, tx)).await.is_err() {
+            return Err(self.ended());
         }
         match rx.await {
             Ok(Ok(Answer::Error(e))) => Err(op_status(e)),
             Ok(r) => r,
-            Err(_) => Err(Status::unavailable("the session stream ended")),
+            Err(_) => Err(self.ended()),
         }
     }
 
-    /// As [`LockClient::acquire`], on the stream (not retried: a broken
-    /// stream fails it UNAVAILABLE, and its wait is withdrawn; if this
-    /// future is dropped, a later grant is released).
+    /// As [`LockClient::acquire`], on the stream (sent again on the new
+    /// leader's stream if this one breaks; if this future is dropped, a
+    /// later grant is released).
     pub async fn acquire(
         &self,
         resource: &str,
         mode: LockMode,
         wait: Option<Duration>,
     ) -> Result<AcquireResponse, Status> {
-        let op = session_request::Op::Acquire(AcquireRequest {
+        let op = Op::Acquire(AcquireRequest {
             session_id: self.session,
             resource: resource.to_owned(),
             mode: mode as i32,
@@ -677,7 +819,7 @@ impl SessionStream {
 
     /// Releases by lock id (or, with `lock_id` 0, by resource).
     pub async fn release(&self, lock_id: u64, resource: &str) -> Result<(), Status> {
-        let op = session_request::Op::Release(ReleaseRequest {
+        let op = Op::Release(ReleaseRequest {
             session_id: self.session,
             lock_id,
             resource: resource.to_owned(),
@@ -691,7 +833,6 @@ impl SessionStream {
 
 impl Drop for SessionStream {
     fn drop(&mut self) {
-        self.reader.abort();
-        self.pinger.abort();
+        self.driver.abort();
     }
 }

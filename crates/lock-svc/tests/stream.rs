@@ -326,3 +326,99 @@ async fn a_half_closed_stream_keeps_its_waits_until_it_stops_reading() {
     g.release().await.unwrap();
     c.stop().await;
 }
+
+/// Until `resource`'s holder is `session` (within 10 s).
+async fn held_by(client: &dsync_client::LockClient, resource: &str, session: u64) {
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let st = client.status(resource).await.unwrap();
+            ok_if(
+                st.holders.iter().any(|h| h.session_id == session),
+                format!("not held by {session}: {st:?}"),
+            )
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_moves_to_a_new_leader_with_its_wait_when_the_leader_dies() {
+    let mut c = Cluster::start().await;
+    let l = c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let (_holder, g, me) = contended(&client, "busy", "waiter").await;
+    let s = std::sync::Arc::new(client.stream(me.id()).await.unwrap());
+    let mine = s
+        .acquire("mine", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let waiting = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.acquire("busy", LockMode::Exclusive, Some(Duration::from_secs(30)))
+                .await
+        })
+    };
+    queued(&client, "busy").await;
+    c.kill(l).await;
+    // The holder lets go on the new leader: the wait, sent again on the
+    // stream the client re-attached there, is the one granted.
+    let token = g.fencing_token();
+    g.release().await.unwrap();
+    let busy = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the wait was never answered")
+        .unwrap()
+        .expect("granted on the new leader");
+    assert!(busy.fencing_token > token);
+    held_by(&client, "busy", me.id()).await;
+    // The lock taken before the failover is still the session's, and the
+    // stream goes on serving it.
+    held_by(&client, "mine", me.id()).await;
+    s.release(mine.lock_id, "").await.unwrap();
+    s.release(busy.lock_id, "").await.unwrap();
+    let again = s
+        .acquire("mine", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(again.fencing_token > mine.fencing_token);
+    s.release(again.lock_id, "").await.unwrap();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_former_leader_re_attaches_on_its_next_operation() {
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let me = client
+        .open_session(Duration::from_secs(10), "streamer")
+        .await
+        .unwrap();
+    let s = client.stream(me.id()).await.unwrap();
+    let a = s
+        .acquire("a", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let f = (1..=3).find(|&n| n != l).unwrap();
+    c.servers[&l].locks.group.transfer_leader(f).await.unwrap();
+    assert_eq!(c.leader().await, f);
+    // The former leader refuses the next operation as NOT_LEADER and ends
+    // the stream; the client attaches on the new leader and sends it
+    // again: the caller sees neither.
+    let b = s
+        .acquire("b", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    s.release(a.lock_id, "").await.unwrap();
+    s.release(b.lock_id, "").await.unwrap();
+    for r in ["a", "b"] {
+        let st = client.status(r).await.unwrap();
+        assert!(st.holders.is_empty(), "{st:?}");
+    }
+    c.stop().await;
+}

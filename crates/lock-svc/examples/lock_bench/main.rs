@@ -53,6 +53,13 @@ struct Args {
     /// session stream (the Session rpc) instead of unary calls.
     #[arg(long)]
     stream: bool,
+    /// With `--stream`: only the stream rows (for profiling one of them).
+    #[arg(long)]
+    stream_only: bool,
+    /// Which rows: both, distinct (each client its own resources) or hot
+    /// (all clients on 10 resources).
+    #[arg(long, default_value = "both", value_parser = ["both", "distinct", "hot"])]
+    resources: String,
     /// Run the rows against etcd too: auto (if `etcd` is installed), off.
     #[arg(long, default_value = "auto")]
     etcd: String,
@@ -67,6 +74,8 @@ struct Row {
     pairs: u64,
     /// CPU (user + system) the three server processes spent per pair, µs.
     cpu_us_per_pair: f64,
+    /// CPU this load generator (the clients) spent per pair, µs.
+    client_us_per_pair: f64,
 }
 
 impl Row {
@@ -78,15 +87,19 @@ impl Row {
             errors,
             pairs: all.len(),
             cpu_us_per_pair: 0.0,
+            client_us_per_pair: 0.0,
         }
     }
 
     /// `row`, with the CPU the server processes `procs` spent on it.
     async fn measured(procs: &Procs, row: impl std::future::Future<Output = Row>) -> Row {
         let used = || -> Duration { procs.0.iter().map(|p| keepalive::cpu(p.id())).sum() };
-        let before = used();
+        let own = || keepalive::cpu(std::process::id());
+        let (before, own_before) = (used(), own());
         let mut r = row.await;
-        r.cpu_us_per_pair = (used() - before).as_micros() as f64 / r.pairs.max(1) as f64;
+        let per_pair = |d: Duration| d.as_micros() as f64 / r.pairs.max(1) as f64;
+        r.cpu_us_per_pair = per_pair(used() - before);
+        r.client_us_per_pair = per_pair(own() - own_before);
         r
     }
 }
@@ -457,11 +470,18 @@ async fn main() {
     } else {
         Vec::new()
     };
+    let hots: &[bool] = match args.resources.as_str() {
+        "distinct" => &[false],
+        "hot" => &[true],
+        _ => &[false, true],
+    };
     let mut rows = Vec::new();
-    for hot in [false, true] {
+    for &hot in hots {
         for &n in &args.clients {
-            let row = dsync_row(&conns, n, hot, args.seconds, false);
-            rows.push((n, hot, false, Row::measured(&_replicas, row).await));
+            if !(args.stream && args.stream_only) {
+                let row = dsync_row(&conns, n, hot, args.seconds, false);
+                rows.push((n, hot, false, Row::measured(&_replicas, row).await));
+            }
             if args.stream {
                 let row = dsync_row(&conns, n, hot, args.seconds, true);
                 rows.push((n, hot, true, Row::measured(&_replicas, row).await));
@@ -488,7 +508,7 @@ async fn main() {
                 footprint(&_etcd.0, dir.path(), "e")
             );
         }
-        for hot in [false, true] {
+        for &hot in hots {
             for &n in &args.clients {
                 let row = etcd_row(&chans, n, hot, args.seconds);
                 etcd_rows.push(Row::measured(&_etcd, row).await);
@@ -498,12 +518,12 @@ async fn main() {
         println!("(etcd not installed: no etcd rows; `apt-get install etcd-server`)");
     }
     println!(
-        "| clients | resources | dsync pairs/s (p50, p99 ms) | errors | etcd pairs/s (p50, p99 ms) | errors | ratio | server CPU per pair, dsync / etcd |"
+        "| clients | resources | dsync pairs/s (p50, p99 ms) | errors | etcd pairs/s (p50, p99 ms) | errors | ratio | server CPU per pair, dsync / etcd | client CPU per pair, dsync / etcd |"
     );
-    println!("|---:|---|---|---:|---|---:|---:|---|");
+    println!("|---:|---|---|---:|---|---:|---:|---|---|");
     let mut etcd_of = std::collections::HashMap::new();
     let mut k = 0;
-    for hot in [false, true] {
+    for &hot in hots {
         for &n in &args.clients {
             if let Some(e) = etcd_rows.get(k) {
                 etcd_of.insert((n, hot), e);
@@ -521,8 +541,9 @@ async fn main() {
             None => ("—".into(), "—".into()),
         };
         let e_cpu = e_row.map_or("—".into(), |e| format!("{:.0} µs", e.cpu_us_per_pair));
+        let e_client = e_row.map_or("—".into(), |e| format!("{:.0} µs", e.client_us_per_pair));
         println!(
-            "| {n} | {}{} | {:.0} ({:.1}, {:.1}) | {} | {e} | {} | {ratio} | {:.0} µs / {e_cpu} |",
+            "| {n} | {}{} | {:.0} ({:.1}, {:.1}) | {} | {e} | {} | {ratio} | {:.0} µs / {e_cpu} | {:.0} µs / {e_client} |",
             if *hot { "10 hot" } else { "distinct" },
             if *stream { ", stream" } else { "" },
             d.pairs_per_s,
@@ -531,6 +552,7 @@ async fn main() {
             d.errors,
             e_row.map_or(0, |e| e.errors),
             d.cpu_us_per_pair,
+            d.client_us_per_pair,
         );
     }
 }
