@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .channel import LeaderChannel
     from .errors import *  # noqa: F403
-    from .lock import Client, Lock, LockMode, Session
+    from .lock import Client, Lock, LockMode, Session, SessionStream
 
 __all__ = [  # resolved by __getattr__
     "Client",
     "Session",
+    "SessionStream",
     "Lock",
     "LockMode",
     "LeaderChannel",
@@ -39,7 +40,7 @@ __all__ = [  # resolved by __getattr__
     # ... and every exception class of dsync_client.errors (see dir()).
 ]
 
-_LOCK_NAMES = ("Client", "Session", "Lock", "LockMode", "new_request_id")
+_LOCK_NAMES = ("Client", "Session", "SessionStream", "Lock", "LockMode", "new_request_id")
 _CHANNEL_NAMES = ("LeaderChannel", "leader_hint")
 
 

@@ -18,6 +18,9 @@ Layers:
   session is gone (SESSION_EXPIRED / SESSION_NOT_FOUND) the session is marked
   lost and every later use raises :class:`~dsync_client.errors.SessionExpired`.
 * :class:`Lock` is one grant: lock id, fencing token, mode.
+* :class:`SessionStream` carries one session's acquires and releases as
+  messages on one bidirectional stream to the leader (no call per
+  operation), attached again on the new leader when it breaks.
 
 Acquire is retried across leader changes safely: each logical acquire gets a
 random 64-bit ``request_id``, kept across its retries; the server returns the
@@ -28,8 +31,10 @@ arrives, the server withdraws the wait or releases the grant itself.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -301,6 +306,11 @@ class Client:
             safe_to_repeat=True,
         )
 
+    def stream(self, session_id: int) -> SessionStream:
+        """A :class:`SessionStream` carrying session ``session_id``'s
+        acquires and releases as messages on one stream to the leader."""
+        return SessionStream(self, session_id)
+
     def list_sessions(self) -> list[lock_pb2.Session]:
         r = self.conn.call(
             lambda ch, t: self._stub(ch).ListSessions.future(lock_pb2.ListSessionsRequest(), timeout=t),
@@ -480,6 +490,11 @@ class Session:
     def release_all(self) -> lock_pb2.ReleaseAllResponse:
         return self._call(self.client.release_all)
 
+    def stream(self) -> SessionStream:
+        """A :class:`SessionStream` for this session."""
+        self.check()
+        return self.client.stream(self.id)
+
     def locks(self) -> list[lock_pb2.Holder]:
         """The locks this session holds."""
         self.check()
@@ -582,3 +597,270 @@ class Lock:
             if exc is None:
                 raise
             log.warning("releasing %r failed", self, exc_info=True)
+
+
+# --- session streams -----------------------------------------------------------
+
+#: google.rpc.Code number -> grpc.StatusCode (an OpError carries the number).
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+#: Ends a stream's request iterator.
+_END = object()
+
+
+def _op_error(e: lock_pb2.OpError) -> DsyncError:
+    """A stream operation's error as the unary call would have raised it."""
+    code = _CODES.get(e.code, grpc.StatusCode.UNKNOWN)
+    return errors.make_error(code, e.message, e.reason, dict(e.metadata))
+
+
+class _Owed:
+    """An operation the stream owes an answer for: kept until answered, and
+    sent again on the next stream if this one breaks first."""
+
+    __slots__ = ("request", "future", "repeated")
+
+    def __init__(self, request: lock_pb2.SessionRequest, future: concurrent.futures.Future[object]) -> None:
+        self.request = request
+        self.future = future
+        self.repeated = False  # sent on a stream that broke: it may have applied
+
+
+class _Link:
+    """One Session stream attached on one replica: its outbox (a ping goes
+    out whenever nothing else did for a third of the TTL) and its call."""
+
+    def __init__(self) -> None:
+        self.outbox: queue.Queue[object] = queue.Queue()
+        self.ping_every = 1.0  # until the attach tells the TTL
+        self.call: grpc.Call | None = None
+        self.addr = ""
+
+    def requests(self) -> Iterator[lock_pb2.SessionRequest]:
+        while True:
+            try:
+                item = self.outbox.get(timeout=self.ping_every)
+            except queue.Empty:
+                yield lock_pb2.SessionRequest(ping=lock_pb2.Ping())
+                continue
+            if item is _END:
+                return
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        self.outbox.put(_END)
+        if self.call is not None:
+            self.call.cancel()
+
+
+class SessionStream:
+    """One session's acquires and releases as messages on one bidirectional
+    ``Session`` stream to the leader (:meth:`Client.stream`): no call per
+    operation, and the stream keeps the session alive. Thread-safe: many
+    threads may have operations in flight at once, each answered by its
+    own sequence number.
+
+    When the stream breaks (the leader changes, dies or is cut off — a dead
+    or hung replica is noticed by the channel's keep-alive pings within
+    about a second), it is attached again on the new leader and every
+    operation still unanswered is sent again: an acquire with its own
+    request id (the leader answers the grant or wait it already has), a
+    release taking LOCK_NOT_FOUND as done. Operations fail only when no
+    leader takes the stream within the client's ``retry_for``, or on an
+    error that is the service's answer (the session expired); every later
+    operation then raises that error. An acquire whose caller stopped
+    waiting is released when its grant arrives. :meth:`close` it (or use it
+    as a context manager): the session itself stays open.
+    """
+
+    def __init__(self, client: Client, session_id: int) -> None:
+        self._client = client
+        self.session_id = session_id
+        self._lock = threading.Lock()
+        self._owed: dict[int, _Owed] = {}
+        self._next = 1
+        self._ended: DsyncError | None = None
+        self._link = self._attach()
+        self._reader = threading.Thread(target=self._read_loop, name=f"dsync-stream-{session_id}", daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return f"SessionStream(session_id={self.session_id}, on={self._link.addr!r})"
+
+    def __enter__(self) -> SessionStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- operations --------------------------------------------------------------
+
+    def acquire(
+        self,
+        resource: str,
+        mode: ModeLike = LockMode.EXCLUSIVE,
+        wait_timeout_ms: int | None = None,
+    ) -> lock_pb2.AcquireResponse:
+        """As :meth:`Client.acquire`, on the stream."""
+        req = lock_pb2.AcquireRequest(session_id=self.session_id, resource=resource, request_id=new_request_id())
+        req.mode = LockMode.parse(mode).value
+        if wait_timeout_ms is not None:
+            req.wait_timeout_ms = wait_timeout_ms
+        patience = self._client._wait_timeout(wait_timeout_ms) + self._client.conn.retry_for
+        return self._op(lock_pb2.SessionRequest(acquire=req), patience)  # type: ignore[return-value]
+
+    def release(self, lock_id: int = 0, resource: str = "") -> None:
+        """Releases by lock id, or (lock_id 0) by resource."""
+        req = lock_pb2.ReleaseRequest(session_id=self.session_id, lock_id=lock_id, resource=resource)
+        self._op(lock_pb2.SessionRequest(release=req), self._client.request_timeout + self._client.conn.retry_for)
+
+    def close(self) -> None:
+        """Ends the stream; operations in flight raise CANCELLED (the server
+        withdraws their waits). Idempotent."""
+        self._end(errors.make_error(grpc.StatusCode.CANCELLED, "the session stream was closed"))
+
+    # --- machinery ---------------------------------------------------------------
+
+    def _op(self, request: lock_pb2.SessionRequest, patience: float) -> object:
+        fut: concurrent.futures.Future[object] = concurrent.futures.Future()
+        self._send(request, fut)
+        try:
+            return fut.result(timeout=patience)
+        except concurrent.futures.TimeoutError:
+            if not fut.cancel():  # answered meanwhile
+                return fut.result()
+            raise errors.make_error(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer on the session stream within {patience:.1f} s",
+                "CLIENT_DEADLINE",
+            ) from None
+
+    def _send(self, request: lock_pb2.SessionRequest, fut: concurrent.futures.Future[object]) -> None:
+        # Owed and put on the current link under one lock: a re-attach
+        # either sees it owed (and sends it again) or installs its link first.
+        with self._lock:
+            if self._ended is not None:
+                raise self._ended
+            request.seq = self._next
+            self._next += 1
+            self._owed[request.seq] = _Owed(request, fut)
+            self._link.outbox.put(request)
+
+    def _attach(self) -> _Link:
+        """A stream for this session on the leader (following hints and
+        retrying as calls do), attached."""
+
+        def invoke(ch: grpc.Channel, _timeout: float) -> _Link:
+            link = _Link()
+            link.outbox.put(lock_pb2.SessionRequest(attach=lock_pb2.AttachSession(session_id=self.session_id)))
+            link.call = self._client._stub(ch).Session(link.requests())
+            try:
+                first = next(link.call)  # type: ignore[call-overload]
+            except StopIteration:
+                link.close()
+                raise errors.make_error(
+                    grpc.StatusCode.UNAVAILABLE, "the session stream ended before its attach was answered"
+                ) from None
+            except grpc.RpcError:
+                link.close()
+                raise
+            if first.WhichOneof("result") == "error":
+                link.close()
+                raise _op_error(first.error)
+            link.ping_every = max(first.attached_ttl_ms, 3) / 3000
+            return link
+
+        conn = self._client.conn
+        link = conn.call(invoke, timeout=self._client.request_timeout, safe_to_repeat=True)
+        link.addr = conn.leader or ""
+        return link
+
+    def _read_loop(self) -> None:
+        link = self._link
+        while True:
+            broke = self._serve(link)
+            with self._lock:
+                if self._ended is not None:
+                    return
+            if broke.code != grpc.StatusCode.UNAVAILABLE:
+                self._end(broke)
+                return
+            # Follow a hint, or stop preferring that replica.
+            self._client.conn._decide(link.addr, broke, safe_to_repeat=True)
+            log.debug("session stream %d broke (%s): attaching again", self.session_id, broke)
+            with self._lock:
+                for o in self._owed.values():
+                    o.repeated = True
+            try:
+                link = self._attach()
+            except DsyncError as e:
+                self._end(e)
+                return
+            with self._lock:
+                if self._ended is not None:
+                    link.close()
+                    return
+                self._link = link
+                for seq in sorted(self._owed):
+                    link.outbox.put(self._owed[seq].request)
+
+    def _serve(self, link: _Link) -> DsyncError:
+        """Hands out the answers ``link`` brings until it breaks: why."""
+        try:
+            for r in link.call:  # type: ignore[union-attr]
+                broke = self._answer(r)
+                if broke is not None:
+                    link.close()
+                    return broke
+            return errors.make_error(grpc.StatusCode.UNAVAILABLE, "the session stream ended")
+        except grpc.RpcError as e:
+            return errors.from_rpc_error(e)
+
+    def _answer(self, r: lock_pb2.SessionResponse) -> DsyncError | None:
+        """Settles the operation ``r`` answers; an UNAVAILABLE error (the
+        replica did not decide it: it is stopping, say) breaks the stream
+        instead, and the operation is sent again on the next."""
+        kind = r.WhichOneof("result")
+        with self._lock:
+            o = self._owed.get(r.seq)
+            if kind is None or o is None:
+                return None
+            result: object
+            if kind == "error":
+                err = _op_error(r.error)
+                if err.code == grpc.StatusCode.UNAVAILABLE:
+                    return err
+                sent_again = o.repeated and o.request.WhichOneof("op") == "release"
+                # A release sent again after a broken stream finds the lock
+                # its first send released.
+                result = lock_pb2.ReleaseResponse() if sent_again and err.reason == "LOCK_NOT_FOUND" else err
+            else:
+                result = getattr(r, kind)
+            del self._owed[r.seq]
+        if o.future.set_running_or_notify_cancel():
+            if isinstance(result, DsyncError):
+                o.future.set_exception(result)
+            else:
+                o.future.set_result(result)
+        elif kind == "acquired":
+            # Nobody waits for this grant any more: release it (owed like
+            # any operation, so a broken stream sends it again).
+            release = lock_pb2.ReleaseRequest(session_id=self.session_id, lock_id=r.acquired.lock_id)
+            try:
+                self._send(lock_pb2.SessionRequest(release=release), concurrent.futures.Future())
+            except DsyncError:
+                pass  # the stream ended: the session's end releases it
+        return None
+
+    def _end(self, why: DsyncError) -> None:
+        """Ends the stream for good: every owed and later operation raises ``why``."""
+        with self._lock:
+            if self._ended is not None:
+                return
+            self._ended = why
+            owed, self._owed = self._owed, {}
+            link = self._link
+        link.close()
+        for o in owed.values():
+            if o.future.set_running_or_notify_cancel():
+                o.future.set_exception(why)
