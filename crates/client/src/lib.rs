@@ -60,10 +60,20 @@ pub fn maybe_repeated(err: &Status) -> bool {
     err.metadata().contains_key(MAYBE_REPEATED)
 }
 
+/// `err`, saying that an earlier attempt of its call may have taken
+/// effect (see [`maybe_repeated`]).
+pub(crate) fn mark_maybe_repeated(mut err: Status) -> Status {
+    err.metadata_mut().insert(
+        MAYBE_REPEATED,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    err
+}
+
 /// True when a failed attempt certainly took no effect: refused before it
 /// was proposed (a leader hint: not the leader, no leader; not applied;
 /// overloaded; a session still expiring), or never connected.
-fn certainly_not_applied(err: &Status) -> bool {
+pub(crate) fn certainly_not_applied(err: &Status) -> bool {
     let refused = matches!(
         proto::status::reason(err).as_str(),
         "NOT_LEADER" | "NO_LEADER" | "NOT_APPLIED" | "OVERLOADED" | "SESSION_EXPIRING"
@@ -79,7 +89,7 @@ fn certainly_not_applied(err: &Status) -> bool {
 /// ms: a client polling at most this far apart finds the new leader
 /// within this much of its election (a replica answers NO_LEADER at once,
 /// so the polling costs little).
-const MAX_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How a [`Conn`] retries.
 #[derive(Debug, Clone)]
@@ -304,14 +314,12 @@ impl Conn {
         let mut backoff = Duration::from_millis(20);
         // An earlier attempt may have taken effect.
         let mut repeated = false;
-        let fail = |mut err: Status, repeated: bool| {
-            if repeated {
-                err.metadata_mut().insert(
-                    MAYBE_REPEATED,
-                    tonic::metadata::MetadataValue::from_static("1"),
-                );
-            }
-            Err(err)
+        let fail = |err: Status, repeated: bool| {
+            Err(if repeated {
+                mark_maybe_repeated(err)
+            } else {
+                err
+            })
         };
         loop {
             // Subscribed before choosing the replica: a report that comes

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -538,8 +538,25 @@ pub struct SessionStream {
 struct Owed {
     op: Op,
     reply: Reply,
-    /// Sent on a stream that broke before answering: it may have applied.
+    /// Sent where it may have applied without its answer reaching us (a
+    /// stream that broke, an outcome the replica could not tell).
     repeated: bool,
+    /// When it was first sent: it is retried for the client's `retry_for`.
+    since: Instant,
+    /// Pause before it is sent again after a refusal (backs off).
+    backoff: Duration,
+}
+
+impl Owed {
+    /// Answers the caller with `err` (marked maybe-repeated if it is).
+    fn fail(self, err: Status) {
+        let err = if self.repeated {
+            crate::mark_maybe_repeated(err)
+        } else {
+            err
+        };
+        let _ = self.reply.send(Err(err));
+    }
 }
 
 /// A session stream attached on one replica.
@@ -635,10 +652,15 @@ impl Driver {
         mut moves: tokio::sync::watch::Receiver<crate::Leader>,
         ended: Arc<parking_lot::Mutex<Option<Status>>>,
     ) {
+        let retry_for = self.conn.options().retry_for;
+        // Streams that broke before answering anything, back to back: a
+        // pause between them, and an end after `retry_for` of them.
+        let mut fruitless: Option<(Instant, Duration)> = None;
         let end = loop {
             let (conn, addr) = (self.conn.clone(), link.addr.clone());
+            let mut answered = false;
             let served = conn
-                .unless_moved(&addr, &mut moves, self.serve(&mut link))
+                .unless_moved(&addr, &mut moves, self.serve(&mut link, &mut answered))
                 .await;
             let broke = match served {
                 // The SessionStream was dropped.
@@ -650,8 +672,31 @@ impl Driver {
                 break broke;
             }
             tracing::debug!(session = self.session, error = %broke, "session stream broke: re-attaching");
+            if answered {
+                fruitless = None;
+            }
+            let (since, pause) = *fruitless.get_or_insert((Instant::now(), Duration::ZERO));
+            if since.elapsed() >= retry_for {
+                break broke;
+            }
+            tokio::time::sleep(pause).await;
+            let next_pause = (pause * 2).clamp(Duration::from_millis(20), crate::MAX_BACKOFF);
+            fruitless = Some((since, next_pause));
             for o in self.owed.values_mut() {
                 o.repeated = true;
+            }
+            // A release by resource is not sent again: the session may
+            // hold the resource anew by now (an acquire on this stream).
+            let by_resource: Vec<u64> = self
+                .owed
+                .iter()
+                .filter(|(_, o)| matches!(&o.op, Op::Release(r) if r.lock_id == 0))
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in by_resource {
+                if let Some(o) = self.owed.remove(&seq) {
+                    o.fail(broke.clone());
+                }
             }
             moves = self.conn.moves();
             link = match attach(&self.conn, self.session).await {
@@ -674,13 +719,14 @@ impl Driver {
             let _ = reply.send(Err(end.clone()));
         }
         for (_, o) in std::mem::take(&mut self.owed) {
-            let _ = o.reply.send(Err(end.clone()));
+            o.fail(end.clone());
         }
     }
 
     /// Runs the stream `link` until it breaks (its error) or the
-    /// [`SessionStream`] is dropped (Ok).
-    async fn serve(&mut self, link: &mut Link) -> Result<(), Status> {
+    /// [`SessionStream`] is dropped (Ok); `answered` tells whether any
+    /// operation was answered on it.
+    async fn serve(&mut self, link: &mut Link, answered: &mut bool) -> Result<(), Status> {
         let mut ping = tokio::time::interval(link.ttl / 3);
         ping.tick().await;
         loop {
@@ -695,7 +741,10 @@ impl Driver {
                     }
                 }
                 msg = link.inbound.message() => match msg {
-                    Ok(Some(r)) => self.answer(r, &link.tx)?,
+                    Ok(Some(r)) => {
+                        *answered = true;
+                        self.answer(r, &link.tx)?;
+                    }
                     Ok(None) => return Err(Status::unavailable("the session stream ended")),
                     Err(s) => return Err(s),
                 },
@@ -716,14 +765,19 @@ impl Driver {
                 op,
                 reply,
                 repeated: false,
+                since: Instant::now(),
+                backoff: Duration::from_millis(20),
             },
         );
         seq
     }
 
-    /// Hands answer `r` to its operation; an error that says the replica
-    /// did not decide it (it is stopping, say) breaks the stream instead,
-    /// and the operation is sent again on the next.
+    /// Hands answer `r` to its operation. A refusal that says the replica
+    /// did not decide it (no leader for a moment, an outcome it could not
+    /// tell) sends it again on this stream after a pause, for the client's
+    /// `retry_for`; a replica that is stopping breaks the stream (Err), and
+    /// the next one sends it; an answer that the session is gone is the
+    /// operation's and ends the stream too.
     fn answer(
         &mut self,
         r: SessionResponse,
@@ -732,22 +786,43 @@ impl Driver {
         let Some(result) = r.result else {
             return Ok(());
         };
-        if let Answer::Error(e) = &result {
-            let status = op_status(e.clone());
-            if crate::replica_failed(&status) && self.owed.contains_key(&r.seq) {
-                return Err(status);
-            }
-        }
-        let Some(o) = self.owed.remove(&r.seq) else {
+        let Some(mut o) = self.owed.remove(&r.seq) else {
             return Ok(());
         };
         let result = match result {
-            // A release sent again after a broken stream finds the lock its
-            // first send released.
-            Answer::Error(e)
-                if o.repeated && matches!(o.op, Op::Release(_)) && e.reason == "LOCK_NOT_FOUND" =>
-            {
-                Answer::Released(ReleaseResponse {})
+            Answer::Error(e) => {
+                let status = op_status(e.clone());
+                let reason = proto::status::reason(&status);
+                if reason == "REPLICA_STOPPING" {
+                    self.owed.insert(r.seq, o);
+                    return Err(status);
+                }
+                let retry_for = self.conn.options().retry_for;
+                if crate::replica_failed(&status) && o.since.elapsed() < retry_for {
+                    o.repeated |= !crate::certainly_not_applied(&status);
+                    let again = SessionRequest {
+                        seq: r.seq,
+                        op: Some(o.op.clone()),
+                    };
+                    let (tx, pause) = (tx.clone(), o.backoff);
+                    o.backoff = (o.backoff * 2).min(crate::MAX_BACKOFF);
+                    self.owed.insert(r.seq, o);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(pause).await;
+                        let _ = tx.send(again);
+                    });
+                    return Ok(());
+                }
+                if o.repeated && matches!(o.op, Op::Release(_)) && reason == "LOCK_NOT_FOUND" {
+                    // A release sent again finds the lock its first send
+                    // released.
+                    Answer::Released(ReleaseResponse {})
+                } else if matches!(reason.as_str(), "SESSION_NOT_FOUND" | "SESSION_EXPIRED") {
+                    o.fail(status.clone());
+                    return Err(status);
+                } else {
+                    Answer::Error(e)
+                }
             }
             other => other,
         };

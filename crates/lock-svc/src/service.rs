@@ -61,6 +61,12 @@ pub struct Locks {
 /// Most operations of one session stream in flight at once.
 pub const MAX_STREAM_OPS: usize = 1024;
 
+/// How long the calls of a broken session stream stay before they are
+/// abandoned: a client re-attaching on the new leader sends them again
+/// within this (by request id), and takes its waits and grants over
+/// instead of queueing anew behind the withdrawal.
+pub const STREAM_ABANDON_GRACE: Duration = Duration::from_secs(2);
+
 /// Most sessions one KeepAlive renews.
 pub const MAX_KEEPALIVE_SESSIONS: usize = 10_000;
 
@@ -177,12 +183,18 @@ impl Locks {
         }
     }
 
-    /// A [`Delivery`] that abandons `call` if its answer never leaves.
-    fn answer_for(&self, call: u64, session: u64) -> Delivery {
+    /// A [`Delivery`] that abandons `call` if its answer never leaves
+    /// (`grace` later: see [`STREAM_ABANDON_GRACE`]).
+    fn answer_for(&self, call: u64, session: u64, grace: Duration) -> Delivery {
         let locks = self.clone();
         Delivery::new(move || {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { locks.abandon(call, session).await });
+                rt.spawn(async move {
+                    if !grace.is_zero() {
+                        tokio::time::sleep(grace).await;
+                    }
+                    locks.abandon(call, session).await
+                });
             }
         })
     }
@@ -323,8 +335,9 @@ impl Locks {
         call: u64,
         session: u64,
         wait: Duration,
+        grace: Duration,
     ) -> Result<(cmd::Granted, Delivery), Status> {
-        let delivery = self.answer_for(call, session);
+        let delivery = self.answer_for(call, session, grace);
         let granted = match self.propose_checked(c).await {
             Ok(Res::Granted(g)) => Ok(g),
             Ok(Res::Queued(q)) => self.wait_for(q.waiter_id, wait).await,
@@ -405,9 +418,14 @@ impl Locks {
         self.renew(term, id, received)?
     }
 
-    /// Validates and runs an Acquire (unary or on a session stream): the
-    /// grant, and the delivery that abandons it unless disarmed.
-    async fn acquire_call(&self, r: AcquireRequest) -> Result<(AcquireResponse, Delivery), Status> {
+    /// Validates and runs an Acquire (unary, or on a session stream with
+    /// [`STREAM_ABANDON_GRACE`]): the grant, and the delivery that abandons
+    /// it (`grace` later) unless disarmed.
+    async fn acquire_call(
+        &self,
+        r: AcquireRequest,
+        grace: Duration,
+    ) -> Result<(AcquireResponse, Delivery), Status> {
         check_session(r.session_id)?;
         LockState::check_resource(&self.limits, &r.resource).map_err(|m| invalid("resource", m))?;
         if Mode::from_proto(r.mode).is_none() {
@@ -431,6 +449,7 @@ impl Locks {
                 call,
                 r.session_id,
                 wait,
+                grace,
             )
             .await?;
         let resp = AcquireResponse {
@@ -504,6 +523,11 @@ impl Locks {
                     });
                 }
                 _ = renew.tick() => {
+                    // A stream with more operations than run at once is
+                    // not silent: its client's messages wait to be read.
+                    if permits.available_permits() == 0 {
+                        heard = Instant::now();
+                    }
                     let idle = renewing.as_ref().is_none_or(|t| t.is_finished());
                     // Only a client heard from since the last renewal is
                     // renewed: an open but silent stream lets it expire.
@@ -562,7 +586,7 @@ impl Locks {
                 if let Err(e) = stream_session(&mut r.session_id, session) {
                     Err(e)
                 } else {
-                    match self.acquire_call(r).await {
+                    match self.acquire_call(r, STREAM_ABANDON_GRACE).await {
                         Ok((granted, delivery)) => {
                             let sent = out
                                 .send(Ok(SessionResponse {
@@ -849,7 +873,7 @@ impl LockService for Locks {
         &self,
         req: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
-        let (granted, delivery) = self.acquire_call(req.into_inner()).await?;
+        let (granted, delivery) = self.acquire_call(req.into_inner(), Duration::ZERO).await?;
         let mut resp = Response::new(granted);
         attach(&mut resp, delivery);
         Ok(resp)
@@ -935,6 +959,7 @@ impl LockService for Locks {
                 call,
                 r.session_id,
                 wait,
+                Duration::ZERO,
             )
             .await?;
         let mut resp = Response::new(UpgradeResponse {

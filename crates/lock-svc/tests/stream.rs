@@ -422,3 +422,101 @@ async fn a_stream_on_a_former_leader_re_attaches_on_its_next_operation() {
     }
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_wait_keeps_its_place_in_the_queue_across_a_leadership_transfer() {
+    let c = Cluster::start().await;
+    let l = c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let (_holder, g, me) = contended(&client, "fifo", "streamer").await;
+    let s = std::sync::Arc::new(client.stream(me.id()).await.unwrap());
+    let first = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.acquire("fifo", LockMode::Exclusive, Some(Duration::from_secs(30)))
+                .await
+        })
+    };
+    queued(&client, "fifo").await;
+    let other = client
+        .open_session(Duration::from_secs(10), "second")
+        .await
+        .unwrap();
+    let second = {
+        let (client, id) = (client.clone(), other.id());
+        tokio::spawn(async move {
+            let wait = Some(Duration::from_secs(30));
+            client
+                .acquire(id, "fifo", LockMode::Exclusive, wait)
+                .await
+                .map(|r| r.fencing_token)
+        })
+    };
+    eventually(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let st = client.status("fifo").await.unwrap();
+            ok_if(st.waiters.len() == 2, "the second never queued")
+        },
+    )
+    .await;
+    let f = (1..=3).find(|&n| n != l).unwrap();
+    c.servers[&l].locks.group.transfer_leader(f).await.unwrap();
+    assert_eq!(c.leader().await, f);
+    // The former leader refuses this as NOT_LEADER and ends the stream;
+    // on the new leader the wait is sent again and taken over, not
+    // withdrawn (the former leader abandons a broken stream's calls only
+    // after a grace) and queued anew behind the second waiter.
+    let quick = s
+        .acquire("elsewhere", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    g.release().await.unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("the stream's wait was never answered")
+        .unwrap()
+        .expect("granted first");
+    held_by(&client, "fifo", me.id()).await;
+    assert!(!second.is_finished(), "the second waiter went first");
+    s.release(granted.lock_id, "").await.unwrap();
+    s.release(quick.lock_id, "").await.unwrap();
+    let token = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("the second waiter was never answered")
+        .unwrap()
+        .expect("granted after the stream's release");
+    assert!(token > granted.fencing_token);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_with_its_session() {
+    let c = Cluster::start().await;
+    c.leader().await;
+    c.leases_on().await;
+    let client = c.client();
+    let me = client
+        .open_session_unmanaged(Duration::from_secs(10), "short-lived")
+        .await
+        .unwrap()
+        .session_id;
+    let s = client.stream(me).await.unwrap();
+    s.acquire("x", LockMode::Exclusive, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    client.close_session(me).await.unwrap();
+    // The session's end is the operation's answer and the stream's: every
+    // later operation sees it, none is retried.
+    for _ in 0..2 {
+        let e = s
+            .acquire("y", LockMode::Exclusive, Some(Duration::ZERO))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert_eq!(proto::status::reason(&e), "SESSION_NOT_FOUND");
+    }
+    c.stop().await;
+}
