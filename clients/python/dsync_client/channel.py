@@ -363,12 +363,13 @@ class LeaderChannel:
 
     def call(
         self,
-        invoke: Callable[[grpc.Channel, float], T],
+        invoke: Callable[..., T],
         *,
         timeout: float,
         safe_to_repeat: bool,
         retry_for: float | None = None,
         waits: bool = False,
+        tell_addr: bool = False,
     ) -> T:
         """Runs ``invoke(channel, attempt_timeout)`` on the leader, following
         hints and retrying as the module docstring describes.
@@ -379,7 +380,9 @@ class LeaderChannel:
 
         ``timeout`` bounds each attempt; attempts start until ``retry_for``
         (default: the channel's) has passed, so a call lasts at most about
-        ``retry_for + timeout``. Raises :class:`~dsync_client.errors.DsyncError`.
+        ``retry_for + timeout``. With ``tell_addr``, ``invoke`` is also given
+        the address the attempt goes to (a third argument).
+        Raises :class:`~dsync_client.errors.DsyncError`.
         """
         self._start_watches()
         start = time.monotonic()
@@ -393,7 +396,11 @@ class LeaderChannel:
             addr, moves = self._route()
             remaining = deadline - time.monotonic()
             try:
-                result = invoke(self.channel(addr), max(0.001, min(timeout, remaining)))
+                attempt_timeout = max(0.001, min(timeout, remaining))
+                if tell_addr:
+                    result = invoke(self.channel(addr), attempt_timeout, addr)  # type: ignore[call-arg]
+                else:
+                    result = invoke(self.channel(addr), attempt_timeout)
                 if isinstance(result, grpc.Future):
                     result = self._result(addr, result, moves)
             except _Moved:

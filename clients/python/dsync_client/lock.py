@@ -32,6 +32,7 @@ arrives, the server withdraws the wait or releases the grant itself.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import enum
 import logging
 import queue
@@ -607,6 +608,9 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 #: Ends a stream's request iterator.
 _END = object()
 
+#: Refusals that say the operation was not applied.
+_REFUSED = ("NOT_LEADER", "NO_LEADER", "NOT_APPLIED", "SESSION_EXPIRING")
+
 
 def _op_error(e: lock_pb2.OpError) -> DsyncError:
     """A stream operation's error as the unary call would have raised it."""
@@ -614,27 +618,54 @@ def _op_error(e: lock_pb2.OpError) -> DsyncError:
     return errors.make_error(code, e.message, e.reason, dict(e.metadata))
 
 
+class _AttachFailed(grpc.RpcError):
+    """An attach that got no answer: a failed attempt the channel's retry
+    rules judge like a call's (its replica is forgotten, another tried)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
 class _Owed:
     """An operation the stream owes an answer for: kept until answered, and
     sent again on the next stream if this one breaks first."""
 
-    __slots__ = ("request", "future", "repeated")
+    __slots__ = ("request", "future", "repeated", "since", "backoff")
 
     def __init__(self, request: lock_pb2.SessionRequest, future: concurrent.futures.Future[object]) -> None:
         self.request = request
         self.future = future
-        self.repeated = False  # sent on a stream that broke: it may have applied
+        # Sent where it may have applied without its answer reaching us.
+        self.repeated = False
+        self.since = time.monotonic()  # retried for the client's retry_for
+        self.backoff = 0.02  # before it is sent again after a refusal
+
+    def fail(self, err: DsyncError) -> None:
+        if self.future.set_running_or_notify_cancel():
+            err = copy.copy(err)  # one error may end many operations
+            err.maybe_repeated = self.repeated
+            self.future.set_exception(err)
 
 
 class _Link:
     """One Session stream attached on one replica: its outbox (a ping goes
     out whenever nothing else did for a third of the TTL) and its call."""
 
-    def __init__(self) -> None:
+    def __init__(self, addr: str) -> None:
         self.outbox: queue.Queue[object] = queue.Queue()
         self.ping_every = 1.0  # until the attach tells the TTL
         self.call: grpc.Call | None = None
-        self.addr = ""
+        self.addr = addr
 
     def requests(self) -> Iterator[lock_pb2.SessionRequest]:
         while True:
@@ -664,13 +695,15 @@ class SessionStream:
     or hung replica is noticed by the channel's keep-alive pings within
     about a second), it is attached again on the new leader and every
     operation still unanswered is sent again: an acquire with its own
-    request id (the leader answers the grant or wait it already has), a
-    release taking LOCK_NOT_FOUND as done. Operations fail only when no
-    leader takes the stream within the client's ``retry_for``, or on an
-    error that is the service's answer (the session expired); every later
-    operation then raises that error. An acquire whose caller stopped
-    waiting is released when its grant arrives. :meth:`close` it (or use it
-    as a context manager): the session itself stays open.
+    request id (the leader takes over the grant or wait it already has), a
+    release by lock id taking LOCK_NOT_FOUND as done. An operation the
+    replica refuses without deciding it (no leader for a moment) is sent
+    again after a pause. Operations fail when that lasts past the client's
+    ``retry_for``, or on an error that is the service's answer; when the
+    session is gone, every later operation raises that too. An acquire
+    whose caller stopped waiting is released when its grant arrives.
+    :meth:`close` it (or use it as a context manager): the session itself
+    stays open, and an unclosed stream keeps it alive.
     """
 
     def __init__(self, client: Client, session_id: int) -> None:
@@ -680,6 +713,7 @@ class SessionStream:
         self._owed: dict[int, _Owed] = {}
         self._next = 1
         self._ended: DsyncError | None = None
+        self._attaching: _Link | None = None  # closed by close() mid-attach
         self._link = self._attach()
         self._reader = threading.Thread(target=self._read_loop, name=f"dsync-stream-{session_id}", daemon=True)
         self._reader.start()
@@ -710,7 +744,8 @@ class SessionStream:
         return self._op(lock_pb2.SessionRequest(acquire=req), patience)  # type: ignore[return-value]
 
     def release(self, lock_id: int = 0, resource: str = "") -> None:
-        """Releases by lock id, or (lock_id 0) by resource."""
+        """Releases by lock id, or (lock_id 0) by resource (not sent again
+        after a broken stream: the session may hold the resource anew)."""
         req = lock_pb2.ReleaseRequest(session_id=self.session_id, lock_id=lock_id, resource=resource)
         self._op(lock_pb2.SessionRequest(release=req), self._client.request_timeout + self._client.conn.retry_for)
 
@@ -718,6 +753,10 @@ class SessionStream:
         """Ends the stream; operations in flight raise CANCELLED (the server
         withdraws their waits). Idempotent."""
         self._end(errors.make_error(grpc.StatusCode.CANCELLED, "the session stream was closed"))
+
+    @property
+    def closed(self) -> bool:
+        return self._ended is not None
 
     # --- machinery ---------------------------------------------------------------
 
@@ -748,37 +787,60 @@ class SessionStream:
 
     def _attach(self) -> _Link:
         """A stream for this session on the leader (following hints and
-        retrying as calls do), attached."""
+        retrying as calls do), attached within the client's request timeout
+        per attempt."""
 
-        def invoke(ch: grpc.Channel, _timeout: float) -> _Link:
-            link = _Link()
+        def invoke(ch: grpc.Channel, timeout: float, addr: str) -> _Link:
+            link = _Link(addr)
+            with self._lock:
+                if self._ended is not None:
+                    raise self._ended
+                self._attaching = link
             link.outbox.put(lock_pb2.SessionRequest(attach=lock_pb2.AttachSession(session_id=self.session_id)))
             link.call = self._client._stub(ch).Session(link.requests())
+            timer = threading.Timer(timeout, link.call.cancel)
+            timer.daemon = True
+            timer.start()
             try:
                 first = next(link.call)  # type: ignore[call-overload]
             except StopIteration:
                 link.close()
-                raise errors.make_error(
-                    grpc.StatusCode.UNAVAILABLE, "the session stream ended before its attach was answered"
-                ) from None
-            except grpc.RpcError:
+                raise _AttachFailed(grpc.StatusCode.UNAVAILABLE, "the session stream ended before its attach") from None
+            except grpc.RpcError as e:
                 link.close()
+                if e.code() == grpc.StatusCode.CANCELLED and not self.closed:  # type: ignore[attr-defined]
+                    raise _AttachFailed(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer to the attach within {timeout:.1f} s"
+                    ) from None
                 raise
+            finally:
+                timer.cancel()
+                with self._lock:
+                    self._attaching = None
             if first.WhichOneof("result") == "error":
                 link.close()
                 raise _op_error(first.error)
             link.ping_every = max(first.attached_ttl_ms, 3) / 3000
             return link
 
-        conn = self._client.conn
-        link = conn.call(invoke, timeout=self._client.request_timeout, safe_to_repeat=True)
-        link.addr = conn.leader or ""
-        return link
+        return self._client.conn.call(
+            invoke, timeout=self._client.request_timeout, safe_to_repeat=True, tell_addr=True
+        )
 
     def _read_loop(self) -> None:
+        try:
+            self._follow_leader()
+        except BaseException as e:  # noqa: BLE001 - the stream must end, not hang
+            log.exception("session stream %d failed", self.session_id)
+            self._end(errors.make_error(grpc.StatusCode.INTERNAL, f"the session stream failed: {e!r}"))
+
+    def _follow_leader(self) -> None:
         link = self._link
+        retry_for = self._client.conn.retry_for
+        fruitless_since: float | None = None  # streams broken before any answer
+        pause = 0.0
         while True:
-            broke = self._serve(link)
+            broke, answered = self._serve(link)
             with self._lock:
                 if self._ended is not None:
                     return
@@ -788,9 +850,24 @@ class SessionStream:
             # Follow a hint, or stop preferring that replica.
             self._client.conn._decide(link.addr, broke, safe_to_repeat=True)
             log.debug("session stream %d broke (%s): attaching again", self.session_id, broke)
+            if answered:
+                fruitless_since, pause = None, 0.0
+            if fruitless_since is None:
+                fruitless_since = time.monotonic()
+            if time.monotonic() - fruitless_since >= retry_for:
+                self._end(broke)
+                return
+            time.sleep(pause)
+            pause = min(max(pause * 2, 0.02), 0.1)
             with self._lock:
-                for o in self._owed.values():
+                by_resource = []
+                for seq, o in self._owed.items():
                     o.repeated = True
+                    if o.request.WhichOneof("op") == "release" and not o.request.release.lock_id:
+                        by_resource.append(seq)
+                gone = [self._owed.pop(seq) for seq in by_resource]
+            for o in gone:
+                o.fail(broke)
             try:
                 link = self._attach()
             except DsyncError as e:
@@ -804,44 +881,60 @@ class SessionStream:
                 for seq in sorted(self._owed):
                     link.outbox.put(self._owed[seq].request)
 
-    def _serve(self, link: _Link) -> DsyncError:
-        """Hands out the answers ``link`` brings until it breaks: why."""
+    def _serve(self, link: _Link) -> tuple[DsyncError, bool]:
+        """Hands out the answers ``link`` brings until it breaks: why, and
+        whether it answered anything."""
+        answered = False
         try:
             for r in link.call:  # type: ignore[union-attr]
-                broke = self._answer(r)
+                answered = True
+                broke = self._answer(r, link)
                 if broke is not None:
-                    link.close()
-                    return broke
-            return errors.make_error(grpc.StatusCode.UNAVAILABLE, "the session stream ended")
+                    return broke, answered
+            return errors.make_error(grpc.StatusCode.UNAVAILABLE, "the session stream ended"), answered
         except grpc.RpcError as e:
-            return errors.from_rpc_error(e)
+            return errors.from_rpc_error(e), answered
+        finally:
+            link.close()
 
-    def _answer(self, r: lock_pb2.SessionResponse) -> DsyncError | None:
-        """Settles the operation ``r`` answers; an UNAVAILABLE error (the
-        replica did not decide it: it is stopping, say) breaks the stream
-        instead, and the operation is sent again on the next."""
+    def _answer(self, r: lock_pb2.SessionResponse, link: _Link) -> DsyncError | None:
+        """Settles the operation ``r`` answers. A refusal that says the
+        replica did not decide it sends it again on this stream after a
+        pause, for the client's ``retry_for``; a replica that is stopping
+        breaks the stream (returned), and the next one sends it; an answer
+        that the session is gone is the operation's and ends the stream."""
         kind = r.WhichOneof("result")
+        result: object = None
         with self._lock:
             o = self._owed.get(r.seq)
             if kind is None or o is None:
                 return None
-            result: object
             if kind == "error":
                 err = _op_error(r.error)
-                if err.code == grpc.StatusCode.UNAVAILABLE:
+                if err.reason == "REPLICA_STOPPING":
                     return err
-                sent_again = o.repeated and o.request.WhichOneof("op") == "release"
-                # A release sent again after a broken stream finds the lock
-                # its first send released.
-                result = lock_pb2.ReleaseResponse() if sent_again and err.reason == "LOCK_NOT_FOUND" else err
+                if err.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - o.since < self._client.conn.retry_for:
+                    o.repeated = o.repeated or err.reason not in _REFUSED
+                    again = threading.Timer(o.backoff, link.outbox.put, args=(o.request,))
+                    again.daemon = True
+                    again.start()
+                    o.backoff = min(o.backoff * 2, 0.1)
+                    return None
+                if o.repeated and o.request.WhichOneof("op") == "release" and err.reason == "LOCK_NOT_FOUND":
+                    # A release sent again finds the lock its first send released.
+                    result = lock_pb2.ReleaseResponse()
+                else:
+                    result = err
             else:
                 result = getattr(r, kind)
             del self._owed[r.seq]
+        if isinstance(result, DsyncError):
+            o.fail(result)
+            if _session_gone(result):
+                self._end(result)
+            return None
         if o.future.set_running_or_notify_cancel():
-            if isinstance(result, DsyncError):
-                o.future.set_exception(result)
-            else:
-                o.future.set_result(result)
+            o.future.set_result(result)
         elif kind == "acquired":
             # Nobody waits for this grant any more: release it (owed like
             # any operation, so a broken stream sends it again).
@@ -859,8 +952,10 @@ class SessionStream:
                 return
             self._ended = why
             owed, self._owed = self._owed, {}
-            link = self._link
-        link.close()
+            links = [self._link] if hasattr(self, "_link") else []
+            if self._attaching is not None:
+                links.append(self._attaching)
+        for link in links:
+            link.close()
         for o in owed.values():
-            if o.future.set_running_or_notify_cancel():
-                o.future.set_exception(why)
+            o.fail(why)

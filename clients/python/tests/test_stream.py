@@ -11,7 +11,15 @@ from collections.abc import Callable
 import pytest
 from conftest import Cluster
 
-from dsync_client import AlreadyHeld, Client, LockBusy, LockNotFound, WaitTimeout
+from dsync_client import (
+    AlreadyHeld,
+    CancelledError,
+    Client,
+    LockBusy,
+    LockNotFound,
+    SessionNotFound,
+    WaitTimeout,
+)
 
 
 def _until(check: Callable[[], bool], within: float, what: str) -> None:
@@ -103,3 +111,48 @@ def test_a_stream_moves_to_the_new_leader_with_its_wait(make_cluster: Callable[[
             holder.close()
     finally:
         c.stop()
+
+
+def test_closing_a_stream_fails_its_operations_and_ends_its_thread(client: Client) -> None:
+    holder = client.open_session(ttl_ms=10_000, name="py-stream-close-holder")
+    me = client.open_session(ttl_ms=10_000, name="py-stream-close")
+    held = holder.acquire("py/stream/close", "exclusive", wait_timeout_ms=0)
+    s = me.stream()
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            s.acquire("py/stream/close", "exclusive", 30_000)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            failed.append(e)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    _until(lambda: len(client.status("py/stream/close").waiters) == 1, 5, "never queued")
+    s.close()
+    t.join(5)
+    (e,) = failed
+    assert isinstance(e, CancelledError), e
+    s._reader.join(5)
+    assert not s._reader.is_alive()
+    with pytest.raises(CancelledError):
+        s.acquire("py/stream/other", "exclusive", wait_timeout_ms=0)
+    # The server withdraws the wait of the closed stream (after its grace
+    # for a client re-attaching).
+    _until(lambda: len(client.status("py/stream/close").waiters) == 0, 10, "wait never withdrawn")
+    held.release()
+    holder.close()
+    me.close()
+
+
+def test_a_stream_ends_with_its_session(client: Client) -> None:
+    me = client.open_session_raw(ttl_ms=10_000, name="py-stream-gone")
+    s = client.stream(me.session_id)
+    s.acquire("py/stream/gone", "exclusive", wait_timeout_ms=0)
+    client.close_session(me.session_id)
+    for _ in range(2):
+        with pytest.raises(SessionNotFound):
+            s.acquire("py/stream/gone-2", "exclusive", wait_timeout_ms=0)
+    assert s.closed
+    s._reader.join(5)
+    assert not s._reader.is_alive()
