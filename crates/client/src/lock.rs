@@ -519,18 +519,58 @@ type Reply = oneshot::Sender<Result<Answer, Status>>;
 /// When the stream breaks (a leader change, the leader down, hung or cut
 /// off — noticed from the leader watch as calls are), it is opened again on
 /// the new leader and every operation still unanswered is sent again: an
-/// acquire with its own request id (the leader answers a grant or wait it
-/// already has), a release taking LOCK_NOT_FOUND as done. Operations fail
-/// only when no leader takes the stream within the client's `retry_for`,
-/// or on an error that is the service's answer (the session expired,
-/// say); later ones then fail with the same error. An acquire whose caller
-/// stopped waiting is released when its grant arrives.
+/// acquire with its own request id (the leader takes over the grant or wait
+/// it already has: a former leader abandons a broken stream's calls only
+/// after a grace), a release by lock id taking LOCK_NOT_FOUND as done. An
+/// operation the replica refuses without deciding it (no leader for a
+/// moment) is sent again after a pause. Operations fail when that lasts
+/// past the client's `retry_for`, or on an error that is the service's
+/// answer; when the session is gone, every later operation fails so too.
+/// An acquire whose caller stopped waiting is released when its grant
+/// arrives. Dropping the stream withdraws its waits; grants nobody read
+/// stay with the session.
 pub struct SessionStream {
     session: u64,
-    ops: mpsc::Sender<(Op, Reply)>,
-    /// Why the stream ended for good, once it has.
-    ended: Arc<parking_lot::Mutex<Option<Status>>>,
+    shared: Arc<parking_lot::Mutex<Shared>>,
     driver: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`SessionStream`]'s callers and its driver task share: an
+/// operation is owed and sent on the current stream under one lock, so a
+/// re-attach either sees it owed (and sends it again) or comes first.
+struct Shared {
+    /// Unanswered operations by seq (sent in seq order on a new stream).
+    owed: BTreeMap<u64, Owed>,
+    next: u64,
+    /// The current stream's sender, and how many streams came before it.
+    tx: mpsc::UnboundedSender<SessionRequest>,
+    generation: u64,
+    /// Why the stream ended for good, once it has.
+    ended: Option<Status>,
+}
+
+impl Shared {
+    /// Owes `op` and sends it on the current stream.
+    fn send(&mut self, op: Op, reply: Reply) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        // A stream already gone shows in the driver, which sends it again.
+        let _ = self.tx.send(SessionRequest {
+            seq,
+            op: Some(op.clone()),
+        });
+        self.owed.insert(
+            seq,
+            Owed {
+                op,
+                reply,
+                repeated: false,
+                since: Instant::now(),
+                backoff: Duration::from_millis(20),
+            },
+        );
+        seq
+    }
 }
 
 /// An operation the stream owes an answer for: kept until answered, and
@@ -562,9 +602,9 @@ impl Owed {
 /// A session stream attached on one replica.
 struct Link {
     addr: String,
-    /// Unbounded: the driver never waits to send (it must keep reading
+    /// Unbounded: nobody waits to send (the driver must keep reading
     /// answers, or a full stream both ways would stall); the operations
-    /// in flight are the caller's own.
+    /// in flight are the callers' own.
     tx: mpsc::UnboundedSender<SessionRequest>,
     inbound: tonic::Streaming<SessionResponse>,
     ttl: Duration,
@@ -612,46 +652,36 @@ impl LockClient {
     pub async fn stream(&self, session_id: u64) -> Result<SessionStream, Status> {
         let moves = self.conn.moves();
         let link = attach(&self.conn, session_id).await?;
-        let (ops, rx) = mpsc::channel(1024);
-        let ended = Arc::new(parking_lot::Mutex::new(None));
-        let driver = tokio::spawn(
-            Driver {
-                conn: self.conn.clone(),
-                session: session_id,
-                owed: BTreeMap::new(),
-                next: 1,
-                ops: rx,
-            }
-            .run(link, moves, ended.clone()),
-        );
+        let shared = Arc::new(parking_lot::Mutex::new(Shared {
+            owed: BTreeMap::new(),
+            next: 1,
+            tx: link.tx.clone(),
+            generation: 0,
+            ended: None,
+        }));
+        let driver = Driver {
+            conn: self.conn.clone(),
+            session: session_id,
+            shared: shared.clone(),
+        };
         Ok(SessionStream {
             session: session_id,
-            ops,
-            ended,
-            driver,
+            shared,
+            driver: tokio::spawn(driver.run(link, moves)),
         })
     }
 }
 
-/// The task behind a [`SessionStream`]: sends its operations, hands out
-/// the answers, pings, and re-attaches on the new leader when the stream
-/// breaks.
+/// The task behind a [`SessionStream`]: hands out the answers, pings, and
+/// re-attaches on the new leader when the stream breaks.
 struct Driver {
     conn: Conn,
     session: u64,
-    /// Unanswered operations by seq (sent in seq order on a new stream).
-    owed: BTreeMap<u64, Owed>,
-    next: u64,
-    ops: mpsc::Receiver<(Op, Reply)>,
+    shared: Arc<parking_lot::Mutex<Shared>>,
 }
 
 impl Driver {
-    async fn run(
-        mut self,
-        mut link: Link,
-        mut moves: tokio::sync::watch::Receiver<crate::Leader>,
-        ended: Arc<parking_lot::Mutex<Option<Status>>>,
-    ) {
+    async fn run(self, mut link: Link, mut moves: tokio::sync::watch::Receiver<crate::Leader>) {
         let retry_for = self.conn.options().retry_for;
         // Streams that broke before answering anything, back to back: a
         // pause between them, and an end after `retry_for` of them.
@@ -663,8 +693,7 @@ impl Driver {
                 .unless_moved(&addr, &mut moves, self.serve(&mut link, &mut answered))
                 .await;
             let broke = match served {
-                // The SessionStream was dropped.
-                Ok(()) => return,
+                Ok(never) => match never {},
                 Err(None) => Status::unavailable("a newer leader was elected"),
                 Err(Some(s)) => s,
             };
@@ -682,68 +711,67 @@ impl Driver {
             tokio::time::sleep(pause).await;
             let next_pause = (pause * 2).clamp(Duration::from_millis(20), crate::MAX_BACKOFF);
             fruitless = Some((since, next_pause));
-            for o in self.owed.values_mut() {
-                o.repeated = true;
-            }
-            // A release by resource is not sent again: the session may
-            // hold the resource anew by now (an acquire on this stream).
-            let by_resource: Vec<u64> = self
-                .owed
-                .iter()
-                .filter(|(_, o)| matches!(&o.op, Op::Release(r) if r.lock_id == 0))
-                .map(|(seq, _)| *seq)
-                .collect();
-            for seq in by_resource {
-                if let Some(o) = self.owed.remove(&seq) {
-                    o.fail(broke.clone());
+            let by_resource = {
+                let mut sh = self.shared.lock();
+                for o in sh.owed.values_mut() {
+                    o.repeated = true;
                 }
+                // A release by resource is not sent again: the session may
+                // hold the resource anew by now (an acquire on this stream).
+                let seqs: Vec<u64> = sh
+                    .owed
+                    .iter()
+                    .filter(|(_, o)| matches!(&o.op, Op::Release(r) if r.lock_id == 0))
+                    .map(|(seq, _)| *seq)
+                    .collect();
+                seqs.into_iter()
+                    .filter_map(|seq| sh.owed.remove(&seq))
+                    .collect::<Vec<_>>()
+            };
+            for o in by_resource {
+                o.fail(broke.clone());
             }
             moves = self.conn.moves();
             link = match attach(&self.conn, self.session).await {
                 Ok(l) => l,
                 Err(e) => break e,
             };
-            for (&seq, o) in &self.owed {
+            let mut sh = self.shared.lock();
+            sh.tx = link.tx.clone();
+            sh.generation += 1;
+            for (&seq, o) in &sh.owed {
                 let again = SessionRequest {
                     seq,
                     op: Some(o.op.clone()),
                 };
-                // A stream already gone shows in `serve`.
                 let _ = link.tx.send(again);
             }
         };
-        // Later operations see why it ended; queued ones are told now.
-        *ended.lock() = Some(end.clone());
-        self.ops.close();
-        while let Ok((_, reply)) = self.ops.try_recv() {
-            let _ = reply.send(Err(end.clone()));
-        }
-        for (_, o) in std::mem::take(&mut self.owed) {
+        let owed = {
+            let mut sh = self.shared.lock();
+            sh.ended = Some(end.clone());
+            std::mem::take(&mut sh.owed)
+        };
+        for (_, o) in owed {
             o.fail(end.clone());
         }
     }
 
-    /// Runs the stream `link` until it breaks (its error) or the
-    /// [`SessionStream`] is dropped (Ok); `answered` tells whether any
-    /// operation was answered on it.
-    async fn serve(&mut self, link: &mut Link, answered: &mut bool) -> Result<(), Status> {
+    /// Runs the stream `link` until it breaks (its error); `answered`
+    /// tells whether any operation was answered on it.
+    async fn serve(
+        &self,
+        link: &mut Link,
+        answered: &mut bool,
+    ) -> Result<std::convert::Infallible, Status> {
         let mut ping = tokio::time::interval(link.ttl / 3);
         ping.tick().await;
         loop {
             tokio::select! {
-                op = self.ops.recv() => {
-                    let Some((op, reply)) = op else { return Ok(()) };
-                    // Owed before it is sent: if the stream is gone, the
-                    // next one sends it.
-                    let seq = self.owe(op.clone(), reply);
-                    if link.tx.send(SessionRequest { seq, op: Some(op) }).is_err() {
-                        return Err(Status::unavailable("the session stream ended"));
-                    }
-                }
                 msg = link.inbound.message() => match msg {
                     Ok(Some(r)) => {
                         *answered = true;
-                        self.answer(r, &link.tx)?;
+                        self.answer(r)?;
                     }
                     Ok(None) => return Err(Status::unavailable("the session stream ended")),
                     Err(s) => return Err(s),
@@ -756,37 +784,18 @@ impl Driver {
         }
     }
 
-    fn owe(&mut self, op: Op, reply: Reply) -> u64 {
-        let seq = self.next;
-        self.next += 1;
-        self.owed.insert(
-            seq,
-            Owed {
-                op,
-                reply,
-                repeated: false,
-                since: Instant::now(),
-                backoff: Duration::from_millis(20),
-            },
-        );
-        seq
-    }
-
     /// Hands answer `r` to its operation. A refusal that says the replica
     /// did not decide it (no leader for a moment, an outcome it could not
     /// tell) sends it again on this stream after a pause, for the client's
     /// `retry_for`; a replica that is stopping breaks the stream (Err), and
     /// the next one sends it; an answer that the session is gone is the
     /// operation's and ends the stream too.
-    fn answer(
-        &mut self,
-        r: SessionResponse,
-        tx: &mpsc::UnboundedSender<SessionRequest>,
-    ) -> Result<(), Status> {
+    fn answer(&self, r: SessionResponse) -> Result<(), Status> {
         let Some(result) = r.result else {
             return Ok(());
         };
-        let Some(mut o) = self.owed.remove(&r.seq) else {
+        let mut sh = self.shared.lock();
+        let Some(mut o) = sh.owed.remove(&r.seq) else {
             return Ok(());
         };
         let result = match result {
@@ -794,23 +803,14 @@ impl Driver {
                 let status = op_status(e.clone());
                 let reason = proto::status::reason(&status);
                 if reason == "REPLICA_STOPPING" {
-                    self.owed.insert(r.seq, o);
+                    sh.owed.insert(r.seq, o);
                     return Err(status);
                 }
                 let retry_for = self.conn.options().retry_for;
                 if crate::replica_failed(&status) && o.since.elapsed() < retry_for {
                     o.repeated |= !crate::certainly_not_applied(&status);
-                    let again = SessionRequest {
-                        seq: r.seq,
-                        op: Some(o.op.clone()),
-                    };
-                    let (tx, pause) = (tx.clone(), o.backoff);
-                    o.backoff = (o.backoff * 2).min(crate::MAX_BACKOFF);
-                    self.owed.insert(r.seq, o);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(pause).await;
-                        let _ = tx.send(again);
-                    });
+                    self.send_again(r.seq, &mut o, sh.generation);
+                    sh.owed.insert(r.seq, o);
                     return Ok(());
                 }
                 if o.repeated && matches!(o.op, Op::Release(_)) && reason == "LOCK_NOT_FOUND" {
@@ -818,6 +818,7 @@ impl Driver {
                     // released.
                     Answer::Released(ReleaseResponse {})
                 } else if matches!(reason.as_str(), "SESSION_NOT_FOUND" | "SESSION_EXPIRED") {
+                    drop(sh);
                     o.fail(status.clone());
                     return Err(status);
                 } else {
@@ -826,6 +827,7 @@ impl Driver {
             }
             other => other,
         };
+        drop(sh);
         // Nobody waits for this grant any more: release it (owed like any
         // operation, so a broken stream sends it again).
         if let Err(Ok(Answer::Acquired(a))) = o.reply.send(Ok(result)) {
@@ -834,10 +836,27 @@ impl Driver {
                 lock_id: a.lock_id,
                 resource: String::new(),
             });
-            let seq = self.owe(op.clone(), oneshot::channel().0);
-            let _ = tx.send(SessionRequest { seq, op: Some(op) });
+            self.shared.lock().send(op, oneshot::channel().0);
         }
         Ok(())
+    }
+
+    /// Sends owed operation `seq` again after its backoff, on the same
+    /// stream (`generation`): a newer stream sends it itself.
+    fn send_again(&self, seq: u64, o: &mut Owed, generation: u64) {
+        let again = SessionRequest {
+            seq,
+            op: Some(o.op.clone()),
+        };
+        let (shared, pause) = (self.shared.clone(), o.backoff);
+        o.backoff = (o.backoff * 2).min(crate::MAX_BACKOFF);
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            let sh = shared.lock();
+            if sh.generation == generation && sh.owed.contains_key(&seq) {
+                let _ = sh.tx.send(again);
+            }
+        });
     }
 }
 
@@ -851,22 +870,24 @@ impl SessionStream {
         self.session
     }
 
-    fn ended(&self) -> Status {
-        self.ended
-            .lock()
-            .clone()
-            .unwrap_or_else(|| Status::unavailable("the session stream ended"))
-    }
-
     async fn op(&self, op: Op) -> Result<Answer, Status> {
         let (tx, rx) = oneshot::channel();
-        if self.ops.send((op, tx)).await.is_err() {
-            return Err(self.ended());
+        {
+            let mut sh = self.shared.lock();
+            if let Some(e) = &sh.ended {
+                return Err(e.clone());
+            }
+            sh.send(op, tx);
         }
         match rx.await {
             Ok(Ok(Answer::Error(e))) => Err(op_status(e)),
             Ok(r) => r,
-            Err(_) => Err(self.ended()),
+            Err(_) => Err(self
+                .shared
+                .lock()
+                .ended
+                .clone()
+                .unwrap_or_else(|| Status::unavailable("the session stream ended"))),
         }
     }
 
