@@ -62,12 +62,13 @@ T = TypeVar("T")
 LEADER_HINT_METADATA = "dsync-leader-bin"
 _LEADER_HINT_TYPE = "dsync.common.v1.LeaderHint"
 
-# gRPC channel options: notice dead peers quickly (HTTP/2 pings) and
+# gRPC channel options: notice dead peers quickly (HTTP/2 pings while a call
+# is in flight: an idle client costs the replicas nothing) and
 # reconnect to a restarted replica quickly (default backoff reaches 120 s).
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 250),
     ("grpc.keepalive_timeout_ms", 500),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
