@@ -95,15 +95,7 @@ async fn a_closed_stream_withdraws_its_waits() {
     c.leases_on().await;
     let client = c.client();
     let (_holder, g, me) = contended(&client, "busy", "waiter").await;
-    let s = std::sync::Arc::new(client.stream(me.id()).await.unwrap());
-    let waiting = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            s.acquire("busy", LockMode::Exclusive, Some(Duration::from_secs(30)))
-                .await
-        })
-    };
-    queued(&client, "busy").await;
+    let (s, waiting) = waiting_on_stream(&client, me.id(), "busy").await;
     // The client goes away mid-wait: the stream ends, the wait goes.
     waiting.abort();
     drop(s);
@@ -148,8 +140,28 @@ async fn contended(
     (holder, g, me)
 }
 
-/// A raw stream: the attach for `session`, then whatever `rest` holds;
-/// the sender is handed back so the caller decides when to half-close.
+/// A stream for session `me`, with an exclusive acquire of `resource`
+/// (waiting up to 30 s) running on it, queued behind its holder.
+async fn waiting_on_stream(
+    client: &dsync_client::LockClient,
+    me: u64,
+    resource: &'static str,
+) -> (
+    std::sync::Arc<dsync_client::SessionStream>,
+    tokio::task::JoinHandle<Result<proto::lock::v1::AcquireResponse, tonic::Status>>,
+) {
+    let s = std::sync::Arc::new(client.stream(me).await.unwrap());
+    let waiting = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.acquire(resource, LockMode::Exclusive, Some(Duration::from_secs(30)))
+                .await
+        })
+    };
+    queued(client, resource).await;
+    (s, waiting)
+}
+
 /// Until `resource` has a waiter (within 5 s).
 async fn queued(client: &dsync_client::LockClient, resource: &str) {
     eventually(
@@ -163,6 +175,9 @@ async fn queued(client: &dsync_client::LockClient, resource: &str) {
     .await;
 }
 
+/// A raw stream to replica `leader`, attached for `session`; the sender
+/// is handed back so the caller decides what to send and when to
+/// half-close.
 async fn raw_stream(
     c: &Cluster,
     leader: u64,
@@ -350,19 +365,11 @@ async fn a_stream_moves_to_a_new_leader_with_its_wait_when_the_leader_dies() {
     c.leases_on().await;
     let client = c.client();
     let (_holder, g, me) = contended(&client, "busy", "waiter").await;
-    let s = std::sync::Arc::new(client.stream(me.id()).await.unwrap());
+    let (s, waiting) = waiting_on_stream(&client, me.id(), "busy").await;
     let mine = s
         .acquire("mine", LockMode::Exclusive, Some(Duration::ZERO))
         .await
         .unwrap();
-    let waiting = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            s.acquire("busy", LockMode::Exclusive, Some(Duration::from_secs(30)))
-                .await
-        })
-    };
-    queued(&client, "busy").await;
     c.kill(l).await;
     // The holder lets go on the new leader: the wait, sent again on the
     // stream the client re-attached there, is the one granted.
@@ -430,15 +437,7 @@ async fn a_stream_wait_keeps_its_place_in_the_queue_across_a_leadership_transfer
     c.leases_on().await;
     let client = c.client();
     let (_holder, g, me) = contended(&client, "fifo", "streamer").await;
-    let s = std::sync::Arc::new(client.stream(me.id()).await.unwrap());
-    let first = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            s.acquire("fifo", LockMode::Exclusive, Some(Duration::from_secs(30)))
-                .await
-        })
-    };
-    queued(&client, "fifo").await;
+    let (s, first) = waiting_on_stream(&client, me.id(), "fifo").await;
     let other = client
         .open_session(Duration::from_secs(10), "second")
         .await
