@@ -713,6 +713,10 @@ impl Driver {
             fruitless = Some((since, next_pause));
             let by_resource = {
                 let mut sh = self.shared.lock();
+                // Until the next stream is in, operations are only owed:
+                // none goes out on this one, and the next sends each once.
+                sh.tx = mpsc::unbounded_channel().0;
+                sh.generation += 1;
                 for o in sh.owed.values_mut() {
                     o.repeated = true;
                 }
@@ -747,13 +751,23 @@ impl Driver {
                 let _ = link.tx.send(again);
             }
         };
+        self.end(end);
+    }
+
+    /// Ends the stream for good: every owed and later operation fails with
+    /// `why`, and the request side closes (the replica's handler ends).
+    fn end(&self, why: Status) {
         let owed = {
             let mut sh = self.shared.lock();
-            sh.ended = Some(end.clone());
+            if sh.ended.is_some() {
+                return;
+            }
+            sh.ended = Some(why.clone());
+            sh.tx = mpsc::unbounded_channel().0;
             std::mem::take(&mut sh.owed)
         };
         for (_, o) in owed {
-            o.fail(end.clone());
+            o.fail(why.clone());
         }
     }
 
@@ -796,6 +810,16 @@ impl Driver {
         };
         let mut sh = self.shared.lock();
         let Some(mut o) = sh.owed.remove(&r.seq) else {
+            // A grant nobody is owed (cannot happen: one send per stream):
+            // released rather than left with the session.
+            if let Answer::Acquired(a) = result {
+                let op = Op::Release(ReleaseRequest {
+                    session_id: self.session,
+                    lock_id: a.lock_id,
+                    resource: String::new(),
+                });
+                sh.send(op, oneshot::channel().0);
+            }
             return Ok(());
         };
         let result = match result {
@@ -930,5 +954,14 @@ impl SessionStream {
 impl Drop for SessionStream {
     fn drop(&mut self) {
         self.driver.abort();
+        // Close the request side now (a pending resend holds `Shared`).
+        self.shared.lock().tx = mpsc::unbounded_channel().0;
+    }
+}
+
+impl Drop for Driver {
+    /// However the task ends (aborted, or a panic), nobody waits forever.
+    fn drop(&mut self) {
+        self.end(Status::unavailable("the session stream's task ended"));
     }
 }
