@@ -714,8 +714,17 @@ class SessionStream:
         self._next = 1
         self._ended: DsyncError | None = None
         self._attaching: _Link | None = None  # closed by close() mid-attach
+        self._fruitless_since: float | None = None  # streams broken before any answer
+        self._pause = 0.0
         self._link = self._attach()
-        self._reader = threading.Thread(target=self._read_loop, name=f"dsync-stream-{session_id}", daemon=True)
+        # The reader holds this object only weakly while it waits for
+        # answers, and the current stream is closed once it is collected:
+        # a SessionStream nobody closed does not keep its session forever.
+        self._live = [self._link]
+        weakref.finalize(self, _close_live, self._live)
+        self._reader = threading.Thread(
+            target=_stream_reader, args=(weakref.ref(self), self._link), name=f"dsync-stream-{session_id}", daemon=True
+        )
         self._reader.start()
 
     def __repr__(self) -> str:
@@ -827,75 +836,54 @@ class SessionStream:
             invoke, timeout=self._client.request_timeout, safe_to_repeat=True, tell_addr=True
         )
 
-    def _read_loop(self) -> None:
-        try:
-            self._follow_leader()
-        except BaseException as e:  # noqa: BLE001 - the stream must end, not hang
-            log.exception("session stream %d failed", self.session_id)
-            self._end(errors.make_error(grpc.StatusCode.INTERNAL, f"the session stream failed: {e!r}"))
+    def _fail_internally(self, e: BaseException) -> None:
+        log.error("session stream %d failed", self.session_id, exc_info=e)
+        self._end(errors.make_error(grpc.StatusCode.INTERNAL, f"the session stream failed: {e!r}"))
 
-    def _follow_leader(self) -> None:
-        link = self._link
-        retry_for = self._client.conn.retry_for
-        fruitless_since: float | None = None  # streams broken before any answer
-        pause = 0.0
-        while True:
-            broke, answered = self._serve(link)
-            with self._lock:
-                if self._ended is not None:
-                    return
-            if broke.code != grpc.StatusCode.UNAVAILABLE:
-                self._end(broke)
-                return
-            # Follow a hint, or stop preferring that replica.
-            self._client.conn._decide(link.addr, broke, safe_to_repeat=True)
-            log.debug("session stream %d broke (%s): attaching again", self.session_id, broke)
-            if answered:
-                fruitless_since, pause = None, 0.0
-            if fruitless_since is None:
-                fruitless_since = time.monotonic()
-            if time.monotonic() - fruitless_since >= retry_for:
-                self._end(broke)
-                return
-            time.sleep(pause)
-            pause = min(max(pause * 2, 0.02), 0.1)
-            with self._lock:
-                by_resource = []
-                for seq, o in self._owed.items():
-                    o.repeated = True
-                    if o.request.WhichOneof("op") == "release" and not o.request.release.lock_id:
-                        by_resource.append(seq)
-                gone = [self._owed.pop(seq) for seq in by_resource]
-            for o in gone:
-                o.fail(broke)
-            try:
-                link = self._attach()
-            except DsyncError as e:
-                self._end(e)
-                return
-            with self._lock:
-                if self._ended is not None:
-                    link.close()
-                    return
-                self._link = link
-                for seq in sorted(self._owed):
-                    link.outbox.put(self._owed[seq].request)
-
-    def _serve(self, link: _Link) -> tuple[DsyncError, bool]:
-        """Hands out the answers ``link`` brings until it breaks: why, and
-        whether it answered anything."""
-        answered = False
+    def _reattach(self, link: _Link, broke: DsyncError, answered: bool) -> _Link | None:
+        """After ``link`` broke with ``broke``: the next stream, attached on
+        the leader with every owed operation sent again; None when the
+        stream ended for good."""
+        with self._lock:
+            if self._ended is not None:
+                return None
+        if broke.code != grpc.StatusCode.UNAVAILABLE:
+            self._end(broke)
+            return None
+        # Follow a hint, or stop preferring that replica.
+        self._client.conn._decide(link.addr, broke, safe_to_repeat=True)
+        log.debug("session stream %d broke (%s): attaching again", self.session_id, broke)
+        if answered:
+            self._fruitless_since, self._pause = None, 0.0
+        if self._fruitless_since is None:
+            self._fruitless_since = time.monotonic()
+        if time.monotonic() - self._fruitless_since >= self._client.conn.retry_for:
+            self._end(broke)
+            return None
+        time.sleep(self._pause)
+        self._pause = min(max(self._pause * 2, 0.02), 0.1)
+        with self._lock:
+            by_resource = []
+            for seq, o in self._owed.items():
+                o.repeated = True
+                if o.request.WhichOneof("op") == "release" and not o.request.release.lock_id:
+                    by_resource.append(seq)
+            gone = [self._owed.pop(seq) for seq in by_resource]
+        for o in gone:
+            o.fail(broke)
         try:
-            for r in link.call:  # type: ignore[union-attr]
-                answered = True
-                broke = self._answer(r, link)
-                if broke is not None:
-                    return broke, answered
-            return errors.make_error(grpc.StatusCode.UNAVAILABLE, "the session stream ended"), answered
-        except grpc.RpcError as e:
-            return errors.from_rpc_error(e), answered
-        finally:
-            link.close()
+            new = self._attach()
+        except DsyncError as e:
+            self._end(e)
+            return None
+        with self._lock:
+            if self._ended is not None:
+                new.close()
+                return None
+            self._link = self._live[0] = new
+            for seq in sorted(self._owed):
+                new.outbox.put(self._owed[seq].request)
+        return new
 
     def _answer(self, r: lock_pb2.SessionResponse, link: _Link) -> DsyncError | None:
         """Settles the operation ``r`` answers. A refusal that says the
@@ -959,3 +947,50 @@ class SessionStream:
             link.close()
         for o in owed.values():
             o.fail(why)
+
+
+def _close_live(live: list[_Link]) -> None:
+    """Closes a collected SessionStream's current stream."""
+    live[0].close()
+
+
+def _stream_reader(ref: weakref.ref[SessionStream], link: _Link) -> None:
+    """A SessionStream's reader thread: hands out the answers of its stream
+    and attaches the next one when it breaks, holding the SessionStream
+    only weakly while it waits (see ``SessionStream.__init__``)."""
+    answered = False
+    while True:
+        broke: DsyncError | None
+        try:
+            r = next(link.call)  # type: ignore[call-overload]
+        except StopIteration:
+            broke = errors.make_error(grpc.StatusCode.UNAVAILABLE, "the session stream ended")
+        except grpc.RpcError as e:
+            broke = errors.from_rpc_error(e)
+        else:
+            answered = True
+            stream = ref()
+            if stream is None:
+                link.close()
+                return
+            try:
+                broke = stream._answer(r, link)
+            except BaseException as e:  # noqa: BLE001 - the stream must end, not hang
+                stream._fail_internally(e)
+                return
+            del stream
+            if broke is None:
+                continue
+        link.close()
+        stream = ref()
+        if stream is None:
+            return
+        try:
+            next_link = stream._reattach(link, broke, answered)
+        except BaseException as e:  # noqa: BLE001 - the stream must end, not hang
+            stream._fail_internally(e)
+            return
+        del stream
+        if next_link is None:
+            return
+        link, answered = next_link, False

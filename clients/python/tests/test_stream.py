@@ -4,6 +4,7 @@ attached again on the new leader, with its wait, after a SIGKILL."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -156,3 +157,15 @@ def test_a_stream_ends_with_its_session(client: Client) -> None:
     assert s.closed
     s._reader.join(5)
     assert not s._reader.is_alive()
+
+
+def test_a_stream_nobody_closed_ends_once_collected(client: Client) -> None:
+    me = client.open_session(ttl_ms=10_000, name="py-stream-dropped")
+    s = me.stream()
+    s.acquire("py/stream/dropped", "exclusive", wait_timeout_ms=0)
+    reader = s._reader
+    del s
+    gc.collect()
+    reader.join(5)
+    assert not reader.is_alive(), "the reader outlived its stream"
+    me.close()
