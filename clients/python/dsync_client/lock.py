@@ -703,7 +703,8 @@ class SessionStream:
     session is gone, every later operation raises that too. An acquire
     whose caller stopped waiting is released when its grant arrives.
     :meth:`close` it (or use it as a context manager): the session itself
-    stays open, and an unclosed stream keeps it alive.
+    stays open, and an unclosed stream keeps it alive until the stream is
+    collected.
     """
 
     def __init__(self, client: Client, session_id: int) -> None:
@@ -716,16 +717,20 @@ class SessionStream:
         self._attaching: _Link | None = None  # closed by close() mid-attach
         self._fruitless_since: float | None = None  # streams broken before any answer
         self._pause = 0.0
-        self._link = self._attach()
-        # The reader holds this object only weakly while it waits for
-        # answers, and the current stream is closed once it is collected:
-        # a SessionStream nobody closed does not keep its session forever.
-        self._live = [self._link]
+        # The current stream, in a list the finalizer shares: the reader
+        # holds this object only weakly while it waits for answers, and the
+        # current stream is closed once it is collected (a SessionStream
+        # nobody closed does not keep its session forever).
+        self._live = [self._attach()]
         weakref.finalize(self, _close_live, self._live)
         self._reader = threading.Thread(
             target=_stream_reader, args=(weakref.ref(self), self._link), name=f"dsync-stream-{session_id}", daemon=True
         )
         self._reader.start()
+
+    @property
+    def _link(self) -> _Link:
+        return self._live[0]
 
     def __repr__(self) -> str:
         return f"SessionStream(session_id={self.session_id}, on={self._link.addr!r})"
@@ -880,7 +885,7 @@ class SessionStream:
             if self._ended is not None:
                 new.close()
                 return None
-            self._link = self._live[0] = new
+            self._live[0] = new
             for seq in sorted(self._owed):
                 new.outbox.put(self._owed[seq].request)
         return new
@@ -940,7 +945,7 @@ class SessionStream:
                 return
             self._ended = why
             owed, self._owed = self._owed, {}
-            links = [self._link] if hasattr(self, "_link") else []
+            links = [self._link]
             if self._attaching is not None:
                 links.append(self._attaching)
         for link in links:
@@ -960,37 +965,30 @@ def _stream_reader(ref: weakref.ref[SessionStream], link: _Link) -> None:
     only weakly while it waits (see ``SessionStream.__init__``)."""
     answered = False
     while True:
-        broke: DsyncError | None
+        r: lock_pb2.SessionResponse | None = None
+        broke: DsyncError | None = None
         try:
             r = next(link.call)  # type: ignore[call-overload]
         except StopIteration:
             broke = errors.make_error(grpc.StatusCode.UNAVAILABLE, "the session stream ended")
         except grpc.RpcError as e:
             broke = errors.from_rpc_error(e)
-        else:
-            answered = True
-            stream = ref()
-            if stream is None:
-                link.close()
-                return
-            try:
-                broke = stream._answer(r, link)
-            except BaseException as e:  # noqa: BLE001 - the stream must end, not hang
-                stream._fail_internally(e)
-                return
-            del stream
-            if broke is None:
-                continue
-        link.close()
         stream = ref()
         if stream is None:
+            link.close()
             return
         try:
-            next_link = stream._reattach(link, broke, answered)
+            if r is not None:
+                answered = True
+                broke = stream._answer(r, link)
+            if broke is not None:
+                link.close()
+                next_link = stream._reattach(link, broke, answered)
+                if next_link is None:
+                    return
+                link, answered = next_link, False
         except BaseException as e:  # noqa: BLE001 - the stream must end, not hang
             stream._fail_internally(e)
             return
-        del stream
-        if next_link is None:
-            return
-        link, answered = next_link, False
+        finally:
+            del stream

@@ -550,6 +550,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Swaps the current stream's sender for a dead one: nothing more goes
+    /// out on that stream (and its request side closes once the driver
+    /// lets go of it too).
+    fn detach(&mut self) {
+        self.tx = mpsc::unbounded_channel().0;
+    }
+
     /// Owes `op` and sends it on the current stream.
     fn send(&mut self, op: Op, reply: Reply) -> u64 {
         let seq = self.next;
@@ -715,21 +722,15 @@ impl Driver {
                 let mut sh = self.shared.lock();
                 // Until the next stream is in, operations are only owed:
                 // none goes out on this one, and the next sends each once.
-                sh.tx = mpsc::unbounded_channel().0;
-                sh.generation += 1;
+                sh.detach();
                 for o in sh.owed.values_mut() {
                     o.repeated = true;
                 }
                 // A release by resource is not sent again: the session may
                 // hold the resource anew by now (an acquire on this stream).
-                let seqs: Vec<u64> = sh
-                    .owed
-                    .iter()
-                    .filter(|(_, o)| matches!(&o.op, Op::Release(r) if r.lock_id == 0))
-                    .map(|(seq, _)| *seq)
-                    .collect();
-                seqs.into_iter()
-                    .filter_map(|seq| sh.owed.remove(&seq))
+                sh.owed
+                    .extract_if(.., |_, o| matches!(&o.op, Op::Release(r) if r.lock_id == 0))
+                    .map(|(_, o)| o)
                     .collect::<Vec<_>>()
             };
             for o in by_resource {
@@ -763,7 +764,7 @@ impl Driver {
                 return;
             }
             sh.ended = Some(why.clone());
-            sh.tx = mpsc::unbounded_channel().0;
+            sh.detach();
             std::mem::take(&mut sh.owed)
         };
         for (_, o) in owed {
@@ -813,12 +814,10 @@ impl Driver {
             // A grant nobody is owed (cannot happen: one send per stream):
             // released rather than left with the session.
             if let Answer::Acquired(a) = result {
-                let op = Op::Release(ReleaseRequest {
-                    session_id: self.session,
-                    lock_id: a.lock_id,
-                    resource: String::new(),
-                });
-                sh.send(op, oneshot::channel().0);
+                sh.send(
+                    release_op(self.session, a.lock_id, ""),
+                    oneshot::channel().0,
+                );
             }
             return Ok(());
         };
@@ -855,11 +854,7 @@ impl Driver {
         // Nobody waits for this grant any more: release it (owed like any
         // operation, so a broken stream sends it again).
         if let Err(Ok(Answer::Acquired(a))) = o.reply.send(Ok(result)) {
-            let op = Op::Release(ReleaseRequest {
-                session_id: self.session,
-                lock_id: a.lock_id,
-                resource: String::new(),
-            });
+            let op = release_op(self.session, a.lock_id, "");
             self.shared.lock().send(op, oneshot::channel().0);
         }
         Ok(())
@@ -882,6 +877,15 @@ impl Driver {
             }
         });
     }
+}
+
+/// A stream Release of `lock_id` (or, with 0, of `resource`).
+fn release_op(session_id: u64, lock_id: u64, resource: &str) -> Op {
+    Op::Release(ReleaseRequest {
+        session_id,
+        lock_id,
+        resource: resource.to_owned(),
+    })
 }
 
 /// A session stream's per-operation error as the unary call's status.
@@ -939,12 +943,7 @@ impl SessionStream {
 
     /// Releases by lock id (or, with `lock_id` 0, by resource).
     pub async fn release(&self, lock_id: u64, resource: &str) -> Result<(), Status> {
-        let op = Op::Release(ReleaseRequest {
-            session_id: self.session,
-            lock_id,
-            resource: resource.to_owned(),
-        });
-        match self.op(op).await? {
+        match self.op(release_op(self.session, lock_id, resource)).await? {
             Answer::Released(_) => Ok(()),
             _ => Err(Status::internal("unexpected answer to a release")),
         }
@@ -955,7 +954,7 @@ impl Drop for SessionStream {
     fn drop(&mut self) {
         self.driver.abort();
         // Close the request side now (a pending resend holds `Shared`).
-        self.shared.lock().tx = mpsc::unbounded_channel().0;
+        self.shared.lock().detach();
     }
 }
 

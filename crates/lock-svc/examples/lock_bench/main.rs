@@ -91,7 +91,8 @@ impl Row {
         }
     }
 
-    /// `row`, with the CPU the server processes `procs` spent on it.
+    /// `row`, with the CPU the server processes `procs` and this load
+    /// generator spent on it.
     async fn measured(procs: &Procs, row: impl std::future::Future<Output = Row>) -> Row {
         let used = || -> Duration { procs.0.iter().map(|p| keepalive::cpu(p.id())).sum() };
         let own = || keepalive::cpu(std::process::id());
